@@ -1,0 +1,73 @@
+//! `agentlab-agent`: the guest half of AgentLab.
+//!
+//! As PID 1 of the micro image it sets the machine up, then runs one job session and
+//! powers off. Elsewhere (a systemd image) `agentlab-agent run` does the session alone.
+//! `agentlab-agent status` asks a running agent what it is doing.
+
+mod error;
+mod init;
+mod job;
+mod modules;
+mod session;
+mod status;
+mod sysinfo;
+mod upload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Where the running agent answers `agentlab-agent status`.
+pub const STATUS_SOCKET: &str = "/run/agentlab/agent.sock";
+
+#[derive(Parser)]
+#[command(name = "agentlab-agent", version, about = "AgentLab guest agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Dial the host, receive one job, run it, report, exit.
+    Run(session::RunArgs),
+    /// Show what the agent on this machine is doing.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's status socket.
+        #[arg(long, default_value = STATUS_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        // Like the Kata agent: PID 1 means we are the init of a micro image.
+        init::run_as_pid1();
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging();
+            match session::run_blocking(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { json, socket } => status::print_status(&socket, json),
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+}

@@ -1,0 +1,200 @@
+//! One session with the host: dial, handshake, receive the job, run it, report.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentlab_protocol::transport::vsock;
+use agentlab_protocol::{
+    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HostMessage,
+    MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::error::AgentError;
+use crate::status::{JobStatus, Phase, StatusBoard};
+use crate::{STATUS_SOCKET, job, sysinfo, upload};
+
+/// How long the agent waits for the host to accept its connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// How long the agent waits for the host to acknowledge the result before exiting.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Host CID to dial.
+    #[arg(long, default_value_t = HOST_CID)]
+    pub cid: u32,
+    /// Host vsock port to dial.
+    #[arg(long, default_value_t = AGENT_VSOCK_PORT)]
+    pub port: u32,
+    /// Dial this Unix socket instead of vsock (development and tests on a host).
+    #[arg(long, conflicts_with = "cid")]
+    pub unix: Option<PathBuf>,
+    /// Where to answer `agentlab-agent status`.
+    #[arg(long, default_value = STATUS_SOCKET)]
+    pub status_socket: PathBuf,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        Self {
+            cid: HOST_CID,
+            port: AGENT_VSOCK_PORT,
+            unix: None,
+            status_socket: PathBuf::from(STATUS_SOCKET),
+        }
+    }
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+pub fn run_blocking(args: RunArgs) -> Result<(), AgentError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?
+        .block_on(run(args))
+}
+
+async fn run(args: RunArgs) -> Result<(), AgentError> {
+    let target = match &args.unix {
+        Some(path) => format!("unix:{}", path.display()),
+        None => format!("vsock:{}:{}", args.cid, args.port),
+    };
+    let board = StatusBoard::new(target.clone());
+    tokio::spawn(crate::status::serve(
+        args.status_socket.clone(),
+        board.clone(),
+    ));
+
+    let stream = connect(&args, &target).await?;
+    let mut conn = GuestConnection::new(stream);
+    let hello = Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        capabilities: Capabilities::ALL,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel_release: sysinfo::kernel_release(),
+        landlock_abi: sysinfo::landlock_abi(),
+    };
+    let ack = guest_handshake(&mut conn, hello).await?;
+    tracing::info!(
+        "connected to {target} as {} (protocol v{})",
+        ack.sandbox_id,
+        ack.version
+    );
+    board.update(|s| {
+        s.channel.up = true;
+        s.channel.protocol_version = Some(ack.version);
+        s.channel.sandbox_id = Some(ack.sandbox_id.clone());
+    });
+
+    let spec = match conn.recv_required("a job").await? {
+        HostMessage::Job(spec) => spec,
+        HostMessage::Shutdown => return Ok(()),
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: "Job",
+                got: other.kind().to_owned(),
+            }
+            .into());
+        }
+    };
+    board.update(|s| {
+        s.job = Some(JobStatus {
+            id: spec.job_id.clone(),
+            phase: Phase::ReceivingWorkdir,
+            pid: None,
+        })
+    });
+
+    let workdir = Path::new(&spec.workdir);
+    if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
+        let _ = conn
+            .send(GuestMessage::AgentError {
+                reason: err.to_string(),
+            })
+            .await;
+        return Err(err);
+    }
+
+    board.set_phase(Phase::Running);
+    let result = job::run(&mut conn, &spec, &board).await?;
+    board.set_phase(Phase::Reporting);
+    conn.send(GuestMessage::JobFinished(result)).await?;
+    wait_for_shutdown(&mut conn).await;
+    board.set_phase(Phase::Done);
+    Ok(())
+}
+
+async fn connect(args: &RunArgs, target: &str) -> Result<Box<dyn Stream>, AgentError> {
+    let started = Instant::now();
+    loop {
+        let attempt: Result<Box<dyn Stream>, ProtocolError> = match &args.unix {
+            Some(path) => tokio::net::UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Stream>)
+                .map_err(|e| ProtocolError::io(format!("connecting to {}", path.display()), e)),
+            None => vsock::connect(args.cid, args.port)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Stream>),
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(source) if started.elapsed() >= CONNECT_TIMEOUT => {
+                return Err(AgentError::Connect {
+                    target: target.to_owned(),
+                    secs: CONNECT_TIMEOUT.as_secs(),
+                    source,
+                });
+            }
+            Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
+        }
+    }
+}
+
+async fn prepare_workdir<S: Stream>(
+    conn: &mut GuestConnection<S>,
+    workdir: &Path,
+    upload_bytes: Option<u64>,
+) -> Result<(), AgentError> {
+    if !workdir.is_absolute() {
+        return Err(AgentError::Workdir {
+            path: workdir.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the workdir must be an absolute path",
+            ),
+        });
+    }
+    tokio::fs::create_dir_all(workdir)
+        .await
+        .map_err(|source| AgentError::Workdir {
+            path: workdir.display().to_string(),
+            source,
+        })?;
+    if let Some(total) = upload_bytes {
+        upload::receive(conn, total, workdir).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the host says the result is stored, or goes away.
+async fn wait_for_shutdown<S: Stream>(conn: &mut GuestConnection<S>) {
+    let wait = async {
+        loop {
+            match conn.recv().await {
+                Ok(Some(HostMessage::Shutdown)) | Ok(None) | Err(_) => return,
+                Ok(Some(_)) => {}
+            }
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_WAIT, wait).await.is_err() {
+        tracing::warn!(
+            "the host did not acknowledge the result within {} s",
+            SHUTDOWN_WAIT.as_secs()
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The daemon's API on its Unix socket: the same length-prefixed postcard frames as
+//! the guest channel, with these request and response types.
+
+use agentlab_protocol::{Connection, OutputStream};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{JobState, SandboxState};
+
+/// Largest repo upload the daemon accepts (1 GiB).
+pub const MAX_REPO_BYTES: u64 = 1 << 30;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ApiRequest {
+    /// Submit a job. If `repo_bytes` is set, that many bytes of tar follow as `UploadChunk`s.
+    Submit(SubmitRequest),
+    UploadChunk {
+        data: Vec<u8>,
+    },
+    JobShow {
+        id: String,
+    },
+    JobList,
+    SandboxList,
+    /// Stream a job's output from `offset` (bytes of the stored log), then its final view.
+    Follow {
+        id: String,
+        offset: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// Shell command, run as `/bin/sh -c COMMAND` in the guest.
+    pub command: String,
+    pub timeout_ms: u64,
+    /// What the user named as the repo, for display.
+    pub repo_label: Option<String>,
+    pub repo_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ApiResponse {
+    Submitted { job_id: String, sandbox_id: String },
+    Job(Box<JobView>),
+    Jobs(Vec<JobView>),
+    Sandboxes(Vec<SandboxView>),
+    Output { stream: OutputStream, data: Vec<u8> },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobView {
+    pub id: String,
+    pub sandbox_id: String,
+    pub state: JobState,
+    pub command: String,
+    pub repo: Option<String>,
+    pub timeout_ms: u64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    pub guest_kernel: Option<String>,
+    pub agent_version: Option<String>,
+    pub output_bytes: u64,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub duration_ms: Option<u64>,
+    pub events: Vec<EventView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxView {
+    pub id: String,
+    pub backend: String,
+    pub state: SandboxState,
+    pub job_id: Option<String>,
+    pub accel: Option<String>,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventView {
+    pub at_ms: i64,
+    pub kind: String,
+    pub job_id: Option<String>,
+    pub sandbox_id: Option<String>,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    pub message: Option<String>,
+}
+
+/// The daemon's end of an API connection.
+pub type ServerConnection<S> = Connection<S, ApiRequest, ApiResponse>;
+/// The CLI's end of an API connection.
+pub type ClientConnection<S> = Connection<S, ApiResponse, ApiRequest>;
+
+/// The exit code `agentlab job submit --follow` uses for a finished job, like
+/// `timeout(1)` and `docker run`: the job's own code, 128+signal, 124 for a timeout,
+/// 125 when the job never ran or its sandbox failed.
+pub fn exit_code_for(job: &JobView) -> i32 {
+    match (job.state, job.exit_code, job.signal) {
+        (JobState::Completed, _, _) => 0,
+        (JobState::Timeout, _, _) => 124,
+        (JobState::Failed, Some(code), _) => code,
+        (JobState::Failed, None, Some(signal)) => 128 + signal,
+        _ => 125,
+    }
+}

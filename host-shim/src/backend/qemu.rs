@@ -1,0 +1,422 @@
+//! The local microVM backend: per sandbox one `vhost-device-vsock` and one
+//! `qemu-system-x86_64` (q35, memfd-backed shared RAM, `vhost-user-vsock-pci`), booting
+//! the micro image's uncompressed kernel through PVH. KVM is used only if a probe boot
+//! under it succeeds; otherwise TCG.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::{Child, Command};
+use tokio::sync::OnceCell;
+
+use super::process::{find_program, tail};
+use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
+
+/// Kernel command line of the micro image. Quiet and without probes that are slow under TCG.
+const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t pci=lastbus=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rcupdate.rcu_expedited=1 mitigations=off";
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+const DEVICE_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM gets to power itself off after its session before it is killed.
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// The CID the guest gets on its private vhost-device-vsock (one device per VM).
+const GUEST_CID: u32 = 3;
+
+const QEMU_FIX: &str = "install it (apt-get install qemu-system-x86) or pass agentlabd --qemu PATH";
+const VHOST_FIX: &str = "install it (cargo install vhost-device-vsock --locked) or pass agentlabd --vhost-device-vsock PATH";
+
+/// Which accelerator to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM if a probe boot works, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+    /// Holds `vmlinux` and `initrd.img` from image/build.sh.
+    pub image_dir: PathBuf,
+    /// Per-sandbox sockets and logs go under here.
+    pub run_dir: PathBuf,
+    pub accel: Accel,
+    pub memory_mb: u32,
+    pub cpus: u32,
+}
+
+impl QemuConfig {
+    pub fn kernel(&self) -> PathBuf {
+        self.image_dir.join("vmlinux")
+    }
+
+    pub fn initrd(&self) -> PathBuf {
+        self.image_dir.join("initrd.img")
+    }
+}
+
+pub struct QemuBackend {
+    config: QemuConfig,
+    accel: OnceCell<&'static str>,
+}
+
+struct Binaries {
+    qemu: PathBuf,
+    vhost: PathBuf,
+}
+
+impl QemuBackend {
+    pub fn new(config: QemuConfig) -> Self {
+        Self {
+            config,
+            accel: OnceCell::new(),
+        }
+    }
+
+    fn binaries(&self) -> Result<Binaries, BackendError> {
+        let qemu =
+            find_program(&self.config.qemu).map_err(|searched| BackendError::MissingBinary {
+                program: self.config.qemu.display().to_string(),
+                searched,
+                fix: QEMU_FIX,
+            })?;
+        let vhost = find_program(&self.config.vhost_device_vsock).map_err(|searched| {
+            BackendError::MissingBinary {
+                program: self.config.vhost_device_vsock.display().to_string(),
+                searched,
+                fix: VHOST_FIX,
+            }
+        })?;
+        Ok(Binaries { qemu, vhost })
+    }
+
+    fn check_image(&self) -> Result<(), BackendError> {
+        for path in [self.config.kernel(), self.config.initrd()] {
+            if !path.is_file() {
+                return Err(BackendError::ImageMissing {
+                    path: path.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The accelerator for this daemon's VMs, probing KVM once if asked to.
+    async fn accel(&self, qemu: &Path) -> &'static str {
+        self.accel
+            .get_or_init(|| async {
+                match self.config.accel {
+                    Accel::Tcg => "tcg",
+                    Accel::Kvm => "kvm",
+                    Accel::Auto => {
+                        let works = probe_kvm(qemu, &self.config).await;
+                        if works {
+                            tracing::info!("KVM probe boot succeeded: using KVM");
+                            "kvm"
+                        } else {
+                            tracing::info!("KVM unavailable or the guest kernel does not boot under it: using TCG");
+                            "tcg"
+                        }
+                    }
+                }
+            })
+            .await
+    }
+}
+
+/// Boots the image under KVM with `agentlab.probe`, which makes the agent print a
+/// marker and power off at once. Anything else (no /dev/kvm, a hang, a crash) is "no".
+async fn probe_kvm(qemu: &Path, config: &QemuConfig) -> bool {
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(dir) = tempfile_dir(&config.run_dir, "kvm-probe") else {
+        return false;
+    };
+    let console = dir.join("console.log");
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1",
+    ])
+    .args(common_args(
+        config,
+        &console,
+        &format!("{KERNEL_CMDLINE} agentlab.probe"),
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    let ok = match cmd.spawn() {
+        Ok(mut child) => match tokio::time::timeout(PROBE_TIMEOUT, child.wait()).await {
+            Ok(Ok(_)) => {
+                std::fs::read_to_string(&console).is_ok_and(|c| c.contains("AGENTLAB-PROBE-OK"))
+            }
+            _ => false,
+        },
+        Err(_) => false,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    ok
+}
+
+fn tempfile_dir(parent: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let dir = parent.join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Arguments shared by sandboxes and the probe: image, console, no defaults.
+fn common_args(config: &QemuConfig, console: &Path, cmdline: &str) -> Vec<String> {
+    vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", console.display()),
+        "-kernel".into(),
+        config.kernel().display().to_string(),
+        "-initrd".into(),
+        config.initrd().display().to_string(),
+        "-append".into(),
+        cmdline.to_owned(),
+    ]
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn preflight(&self) -> Result<(), BackendError> {
+        self.binaries()?;
+        self.check_image()
+    }
+
+    async fn provision(&self, req: &ProvisionRequest) -> Result<Box<dyn Sandbox>, BackendError> {
+        let bins = self.binaries()?;
+        self.check_image()?;
+        let accel = self.accel(&bins.qemu).await;
+        let dir = self.config.run_dir.join(&req.sandbox_id);
+        std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
+            context: format!("creating {}", dir.display()),
+            source,
+        })?;
+        let vhost_socket = dir.join("vhost.sock");
+        let uds = dir.join("vsock.sock");
+        let vhost_log = dir.join("vhost-device-vsock.log");
+        let mut sandbox = QemuSandbox {
+            config: self.config.clone(),
+            dir,
+            qemu_bin: bins.qemu,
+            accel,
+            vhost_socket,
+            uds,
+            console_log: req.console_log.clone(),
+            qemu_log: PathBuf::new(),
+            vhost_log,
+            vhost: None,
+            qemu: None,
+            exit: None,
+        };
+        sandbox.qemu_log = sandbox.dir.join("qemu.log");
+        sandbox.start_vhost(&bins.vhost).await?;
+        Ok(Box::new(sandbox))
+    }
+}
+
+struct QemuSandbox {
+    config: QemuConfig,
+    dir: PathBuf,
+    qemu_bin: PathBuf,
+    accel: &'static str,
+    vhost_socket: PathBuf,
+    uds: PathBuf,
+    console_log: PathBuf,
+    qemu_log: PathBuf,
+    vhost_log: PathBuf,
+    vhost: Option<Child>,
+    qemu: Option<Child>,
+    exit: Option<VmExit>,
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
+    std::fs::File::create(path).map_err(|source| BackendError::Io {
+        context: format!("creating {}", path.display()),
+        source,
+    })
+}
+
+/// Children die with the daemon rather than outlive it as orphans.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this runs
+    // in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl QemuSandbox {
+    async fn start_vhost(&mut self, vhost_bin: &Path) -> Result<(), BackendError> {
+        let mut cmd = Command::new(vhost_bin);
+        cmd.arg("--vm")
+            .arg(format!(
+                "guest-cid={GUEST_CID},socket={},uds-path={}",
+                self.vhost_socket.display(),
+                self.uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.vhost_log)?)
+            .stderr(log_file(&self.vhost_log)?)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let what = "vhost-device-vsock";
+        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+        let deadline = tokio::time::Instant::now() + DEVICE_START_TIMEOUT;
+        while !self.vhost_socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::DeviceFailed {
+                    what: what.into(),
+                    status: status.to_string(),
+                    stderr: tail(&self.vhost_log, 10),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::DeviceTimeout {
+                    what: what.into(),
+                    path: self.vhost_socket.display().to_string(),
+                    secs: DEVICE_START_TIMEOUT.as_secs(),
+                    stderr: tail(&self.vhost_log, 10),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.vhost = Some(child);
+        Ok(())
+    }
+
+    fn qemu_args(&self) -> Vec<String> {
+        let mem = format!("{}M", self.config.memory_mb);
+        let cpu = if self.accel == "kvm" { "host" } else { "max" };
+        let mut args: Vec<String> = vec![
+            "-machine".into(),
+            "q35".into(),
+            "-accel".into(),
+            self.accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-m".into(),
+            mem.clone(),
+            "-smp".into(),
+            self.config.cpus.to_string(),
+            // vhost-user devices need guest RAM the device process can map.
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=vsock0,path={}", self.vhost_socket.display()),
+            "-device".into(),
+            "vhost-user-vsock-pci,chardev=vsock0".into(),
+        ];
+        args.extend(common_args(&self.config, &self.console_log, KERNEL_CMDLINE));
+        args
+    }
+}
+
+#[async_trait]
+impl Sandbox for QemuSandbox {
+    fn channel(&self) -> ChannelEndpoint {
+        ChannelEndpoint::Hybrid {
+            uds: self.uds.clone(),
+        }
+    }
+
+    async fn boot(&mut self) -> Result<(), BackendError> {
+        let mut cmd = Command::new(&self.qemu_bin);
+        cmd.args(self.qemu_args())
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.qemu_log)?)
+            .stderr(log_file(&self.qemu_log)?)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn {
+            what: "qemu".into(),
+            source,
+        })?;
+        self.qemu = Some(child);
+        Ok(())
+    }
+
+    async fn exited(&mut self) -> VmExit {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let Some(qemu) = self.qemu.as_mut() else {
+            return std::future::pending().await;
+        };
+        let status = qemu.wait().await;
+        let description = match status {
+            Ok(s) => format!("QEMU exited ({s})"),
+            Err(e) => format!("QEMU could not be waited for: {e}"),
+        };
+        let exit = VmExit { description };
+        self.exit = Some(exit.clone());
+        exit
+    }
+
+    fn accel(&self) -> Option<String> {
+        Some(self.accel.to_owned())
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, path, lines) in [
+            ("qemu", &self.qemu_log, 5),
+            ("vhost-device-vsock", &self.vhost_log, 5),
+            ("guest console", &self.console_log, 15),
+        ] {
+            let text = tail(path, lines);
+            if !text.is_empty() {
+                parts.push(format!("--- {name} ---\n{text}"));
+            }
+        }
+        parts.join("\n")
+    }
+
+    async fn destroy(mut self: Box<Self>) -> Result<(), BackendError> {
+        if let Some(mut qemu) = self.qemu.take()
+            && tokio::time::timeout(POWEROFF_GRACE, qemu.wait())
+                .await
+                .is_err()
+        {
+            let _ = qemu.kill().await;
+        }
+        if let Some(mut vhost) = self.vhost.take() {
+            let _ = vhost.kill().await;
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(|source| BackendError::Io {
+            context: format!("removing {}", self.dir.display()),
+            source,
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! `agentlabd`: the host shim.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentlab_host::backend::qemu::{Accel, QemuBackend};
+use agentlab_host::config::{DEFAULT_IMAGE_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DaemonConfig};
+use agentlab_host::daemon::Daemon;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "agentlabd",
+    version,
+    about = "AgentLab host shim: runs jobs in disposable VMs"
+)]
+struct Args {
+    /// Keep everything (database, logs, sockets, and the API socket unless --socket is
+    /// given) under this directory. Lets agentlabd run unprivileged.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The API socket [default: /run/agentlab/agentlabd.sock, or STATE_DIR/agentlabd.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Directory holding the micro image (vmlinux, initrd.img) built by image/build.sh.
+    #[arg(long, env = "AGENTLAB_IMAGE_DIR", default_value = DEFAULT_IMAGE_DIR)]
+    image_dir: PathBuf,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// The vhost-device-vsock binary.
+    #[arg(long, default_value = "vhost-device-vsock")]
+    vhost_device_vsock: PathBuf,
+    /// Accelerator: auto uses KVM only if a probe boot under it succeeds.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    accel: Accel,
+    /// Guest memory per sandbox, MiB.
+    #[arg(long, default_value_t = 512)]
+    vm_memory_mb: u32,
+    /// How long a guest may take to boot and dial in.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
+    boot_timeout: Duration,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "AGENTLAB_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentlabd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("agentlabd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let socket = match (&args.socket, &args.state_dir) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(dir)) => dir.join("agentlabd.sock"),
+        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+    };
+    let state_dir = std::path::absolute(&state_dir).map_err(|e| format!("--state-dir: {e}"))?;
+    let image_dir =
+        std::path::absolute(&args.image_dir).map_err(|e| format!("--image-dir: {e}"))?;
+    let mut config = DaemonConfig::new(&state_dir, &socket, &image_dir);
+    config.qemu.qemu = args.qemu;
+    config.qemu.vhost_device_vsock = args.vhost_device_vsock;
+    config.qemu.accel = args.accel;
+    config.qemu.memory_mb = args.vm_memory_mb;
+    config.boot_timeout = args.boot_timeout;
+
+    let backend = Arc::new(QemuBackend::new(config.qemu.clone()));
+    let daemon = Daemon::open(config, backend.clone()).map_err(|e| e.to_string())?;
+    if let Err(e) = agentlab_host::backend::Backend::preflight(&*backend).await {
+        // Not fatal: the daemon still serves state; each job fails with this reason.
+        tracing::warn!("the qemu backend is not ready, jobs will fail until this is fixed: {e}");
+    }
+    let listener = agentlab_host::server::bind(&socket)
+        .map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    tracing::info!(
+        "agentlabd serving on {} (state in {})",
+        socket.display(),
+        state_dir.display()
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+    tokio::select! {
+        () = agentlab_host::server::serve(daemon, listener) => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = terminate.recv() => tracing::info!("SIGTERM; stopping"),
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

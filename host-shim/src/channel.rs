@@ -1,0 +1,226 @@
+//! The host's end of one sandbox's session with its agent: handshake, job, workdir
+//! upload, output, result. The guest is hostile: every message is checked for order,
+//! sequence and size, and any violation ends the session with the reason.
+
+use std::path::Path;
+
+use agentlab_protocol::{
+    CHUNK_WINDOW, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec,
+    MAX_CHUNK_LEN, MessageKind, OutputChunk, ProtocolError, host_handshake,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// Longest guest-supplied string the host keeps (kernel release, agent version, errors).
+pub const MAX_GUEST_TEXT: usize = 256;
+
+/// Why a session ended without a result.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SessionError {
+    /// {0}
+    Protocol(#[from] ProtocolError),
+    /// the guest agent disconnected {phase}
+    Disconnected { phase: &'static str },
+    /// the guest agent violated the protocol {phase}: {detail}
+    Violation { phase: &'static str, detail: String },
+    /// the guest agent reported an error {phase}: {reason}
+    Agent { phase: &'static str, reason: String },
+    /// cannot read the workdir upload {path}: {source}
+    Upload {
+        path: String,
+        source: std::io::Error,
+    },
+    /// cannot store the job's output: {0}
+    Store(std::io::Error),
+}
+
+/// What the runner learns as the session goes on.
+pub trait SessionObserver: Send {
+    fn handshake_done(&mut self, hello: &Hello, ack: &HelloAck);
+    fn job_started(&mut self, pid: u32);
+    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()>;
+}
+
+/// Cuts untrusted text to [`MAX_GUEST_TEXT`] bytes (on a char boundary) and strips controls.
+pub fn sanitize_guest_text(text: &str) -> String {
+    let mut end = text.len().min(MAX_GUEST_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end]
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+pub struct HostSession<S> {
+    conn: HostConnection<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            conn: HostConnection::new(stream),
+        }
+    }
+
+    /// Runs the session to the job's result.
+    pub async fn run(
+        &mut self,
+        sandbox_id: &str,
+        spec: JobSpec,
+        upload: Option<&Path>,
+        observer: &mut dyn SessionObserver,
+    ) -> Result<JobResult, SessionError> {
+        let (hello, ack) =
+            host_handshake(&mut self.conn, sandbox_id)
+                .await
+                .map_err(|e| match e {
+                    ProtocolError::Closed { .. } => SessionError::Disconnected {
+                        phase: "before its Hello",
+                    },
+                    other => other.into(),
+                })?;
+        observer.handshake_done(&hello, &ack);
+        self.conn.send(HostMessage::Job(spec)).await?;
+        if let Some(path) = upload {
+            self.upload(path).await?;
+        }
+        self.stream_output(observer).await
+    }
+
+    /// Tells the agent the result is stored; it may power off.
+    pub async fn shutdown(&mut self) {
+        let _ = self.conn.send(HostMessage::Shutdown).await;
+    }
+
+    async fn upload(&mut self, path: &Path) -> Result<(), SessionError> {
+        const PHASE: &str = "during the workdir upload";
+        let upload_err = |source| SessionError::Upload {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(upload_err)?;
+        let mut buf = vec![0u8; MAX_CHUNK_LEN];
+        let (mut sent, mut acked) = (0u64, 0u64);
+        let mut eof = false;
+        while !eof || acked < sent {
+            if !eof && sent - acked < CHUNK_WINDOW {
+                let n = file.read(&mut buf).await.map_err(upload_err)?;
+                if n == 0 {
+                    eof = true;
+                } else {
+                    self.conn
+                        .send(HostMessage::WorkdirChunk {
+                            seq: sent,
+                            data: buf[..n].to_vec(),
+                        })
+                        .await?;
+                    sent += 1;
+                }
+                continue;
+            }
+            match self.recv(PHASE).await? {
+                GuestMessage::WorkdirAck { seq } if seq == acked => acked += 1,
+                GuestMessage::WorkdirAck { seq } => {
+                    return Err(SessionError::Violation {
+                        phase: PHASE,
+                        detail: format!("ack {seq} where {acked} was due"),
+                    });
+                }
+                GuestMessage::AgentError { reason } => {
+                    return Err(SessionError::Agent {
+                        phase: PHASE,
+                        reason: sanitize_guest_text(&reason),
+                    });
+                }
+                other => return Err(unexpected(PHASE, &other)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn stream_output(
+        &mut self,
+        observer: &mut dyn SessionObserver,
+    ) -> Result<JobResult, SessionError> {
+        let mut started = false;
+        let mut next_seq = 0u64;
+        loop {
+            let phase = if started {
+                "while the job was running"
+            } else {
+                "before the job started"
+            };
+            match self.recv(phase).await? {
+                GuestMessage::JobStarted { pid } if !started => {
+                    started = true;
+                    observer.job_started(pid);
+                }
+                GuestMessage::Output(chunk) if started => {
+                    if chunk.seq != next_seq {
+                        return Err(SessionError::Violation {
+                            phase,
+                            detail: format!("output chunk {} where {next_seq} was due", chunk.seq),
+                        });
+                    }
+                    if chunk.data.len() > MAX_CHUNK_LEN {
+                        return Err(SessionError::Violation {
+                            phase,
+                            detail: format!(
+                                "output chunk of {} bytes, over {MAX_CHUNK_LEN}",
+                                chunk.data.len()
+                            ),
+                        });
+                    }
+                    observer.output(&chunk).map_err(SessionError::Store)?;
+                    self.conn
+                        .send(HostMessage::OutputAck { seq: chunk.seq })
+                        .await?;
+                    next_seq += 1;
+                }
+                GuestMessage::JobFinished(result) => {
+                    let mut result = result;
+                    if let agentlab_protocol::JobOutcome::SpawnFailed { reason } =
+                        &mut result.outcome
+                    {
+                        *reason = sanitize_guest_text(reason);
+                    }
+                    return Ok(result);
+                }
+                GuestMessage::AgentError { reason } => {
+                    return Err(SessionError::Agent {
+                        phase,
+                        reason: sanitize_guest_text(&reason),
+                    });
+                }
+                other => return Err(unexpected(phase, &other)),
+            }
+        }
+    }
+
+    async fn recv(&mut self, phase: &'static str) -> Result<GuestMessage, SessionError> {
+        match self.conn.recv().await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(SessionError::Disconnected { phase }),
+            Err(ProtocolError::Io { source, .. }) if is_disconnect(&source) => {
+                Err(SessionError::Disconnected { phase })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted
+    )
+}
+
+fn unexpected(phase: &'static str, msg: &GuestMessage) -> SessionError {
+    SessionError::Violation {
+        phase,
+        detail: format!("unexpected {} message", msg.kind()),
+    }
+}

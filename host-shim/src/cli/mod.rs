@@ -1,0 +1,118 @@
+//! `agentlab`, the operator's CLI. It talks to agentlabd over its Unix socket.
+
+mod client;
+mod render;
+mod submit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::{ApiRequest, ApiResponse};
+use crate::config::DEFAULT_SOCKET;
+use client::Client;
+
+/// Exit code for failures of agentlab or agentlabd themselves (as `docker run` uses).
+pub const EXIT_AGENTLAB_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "agentlab",
+    version,
+    about = "Run AI coding agents and commands in disposable sandboxes"
+)]
+pub struct Cli {
+    /// agentlabd's socket.
+    #[arg(long, global = true, env = "AGENTLABD_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Jobs: submit, inspect, list.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Sandboxes (the VMs jobs run in).
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Run a command in a new sandbox.
+    Submit(SubmitArgs),
+    /// Show one job, with its recent events.
+    Show { id: String },
+    /// List recent jobs, newest first.
+    List,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// List sandboxes, newest first.
+    List,
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// Shell command to run in the sandbox (`/bin/sh -c CMD`, in /workspace).
+    #[arg(long)]
+    cmd: String,
+    /// Local directory to copy into the sandbox's /workspace.
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// Wall-clock limit, like 90s, 10m or 2h (default: the daemon's, 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Stream the job's output and exit with its exit code.
+    #[arg(long)]
+    follow: bool,
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("agentlab: {message}");
+            ExitCode::from(EXIT_AGENTLAB_ERROR)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
+    let mut client = Client::connect(&cli.socket).await?;
+    match cli.command {
+        Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
+        Command::Job(JobCommand::Show { id }) => {
+            match client.call(ApiRequest::JobShow { id }).await? {
+                ApiResponse::Job(job) => {
+                    render::print(cli.json, &*job, || render::job_detail(&job));
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => Err(client::unexpected(other)),
+            }
+        }
+        Command::Job(JobCommand::List) => match client.call(ApiRequest::JobList).await? {
+            ApiResponse::Jobs(jobs) => {
+                render::print(cli.json, &jobs, || render::job_table(&jobs));
+                Ok(ExitCode::SUCCESS)
+            }
+            other => Err(client::unexpected(other)),
+        },
+        Command::Sandbox(SandboxCommand::List) => match client.call(ApiRequest::SandboxList).await?
+        {
+            ApiResponse::Sandboxes(list) => {
+                render::print(cli.json, &list, || render::sandbox_table(&list));
+                Ok(ExitCode::SUCCESS)
+            }
+            other => Err(client::unexpected(other)),
+        },
+    }
+}

@@ -1,0 +1,124 @@
+//! Human-readable and JSON output.
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::api::{JobView, SandboxView};
+
+pub fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce() -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        print!("{}", text());
+    }
+}
+
+pub fn time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn duration(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+pub fn job_detail(job: &JobView) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: &str| {
+        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+    };
+    field("job", &job.id);
+    field("state", job.state.as_str());
+    field("sandbox", &job.sandbox_id);
+    field("command", &job.command);
+    if let Some(repo) = &job.repo {
+        field("repo", repo);
+    }
+    field("timeout", &duration(job.timeout_ms));
+    if let Some(code) = job.exit_code {
+        field("exit code", &code.to_string());
+    }
+    if let Some(signal) = job.signal {
+        field("signal", &signal.to_string());
+    }
+    if let Some(ms) = job.duration_ms {
+        field("duration", &duration(ms));
+    }
+    if let (Some(kernel), Some(agent)) = (&job.guest_kernel, &job.agent_version) {
+        field("guest", &format!("kernel {kernel}, agent {agent}"));
+    }
+    field("output", &format!("{} bytes", job.output_bytes));
+    field("created", &time(job.created_at_ms));
+    if let Some(error) = &job.error {
+        field("error", error);
+    }
+    let _ = writeln!(out, "events:");
+    for e in &job.events {
+        let change = match (&e.from_state, &e.to_state) {
+            (Some(from), Some(to)) => format!("{from} -> {to}"),
+            (None, Some(to)) => format!("-> {to}"),
+            _ => String::new(),
+        };
+        let msg = e
+            .message
+            .as_deref()
+            .map(|m| m.lines().next().unwrap_or_default())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {}  {:<20} {:<26} {msg}",
+            time(e.at_ms),
+            e.kind,
+            change
+        );
+    }
+    out
+}
+
+pub fn job_table(jobs: &[JobView]) -> String {
+    let mut out = format!(
+        "{:<17} {:<10} {:>4}  {:<24}  {}\n",
+        "JOB", "STATE", "EXIT", "CREATED", "COMMAND"
+    );
+    for j in jobs {
+        let exit = j
+            .exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
+        let cmd: String = j.command.chars().take(60).collect();
+        let _ = writeln!(
+            out,
+            "{:<17} {:<10} {:>4}  {:<24}  {cmd}",
+            j.id,
+            j.state.as_str(),
+            exit,
+            time(j.created_at_ms)
+        );
+    }
+    out
+}
+
+pub fn sandbox_table(list: &[SandboxView]) -> String {
+    let mut out = format!(
+        "{:<16} {:<12} {:<8} {:<5} {:<17} {}\n",
+        "SANDBOX", "STATE", "BACKEND", "ACCEL", "JOB", "UPDATED"
+    );
+    for s in list {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<12} {:<8} {:<5} {:<17} {}",
+            s.id,
+            s.state.as_str(),
+            s.backend,
+            s.accel.as_deref().unwrap_or("-"),
+            s.job_id.as_deref().unwrap_or("-"),
+            time(s.updated_at_ms)
+        );
+    }
+    out
+}

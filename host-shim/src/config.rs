@@ -1,0 +1,66 @@
+//! Where the daemon keeps things, and its limits. Production defaults follow the
+//! design; `--state-dir` moves everything under one directory for unprivileged use.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::backend::qemu::{Accel, QemuConfig};
+
+pub const DEFAULT_SOCKET: &str = "/run/agentlab/agentlabd.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentlab";
+pub const DEFAULT_IMAGE_DIR: &str = "/usr/share/agentlab/image";
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub qemu: QemuConfig,
+    /// How long a guest may take from VM start to its agent's dial-in.
+    pub boot_timeout: Duration,
+    /// Timeout for jobs submitted without one.
+    pub default_job_timeout: Duration,
+    /// SIGTERM → SIGKILL grace the agent gives a job.
+    pub kill_grace: Duration,
+    /// How long past the job's own timeout the host waits for the agent's report
+    /// before it gives up on the guest.
+    pub report_slack: Duration,
+}
+
+impl DaemonConfig {
+    /// Defaults for a state directory and socket.
+    pub fn new(state_dir: &Path, socket: &Path, image_dir: &Path) -> Self {
+        DaemonConfig {
+            state_dir: state_dir.to_owned(),
+            socket: socket.to_owned(),
+            qemu: QemuConfig {
+                qemu: PathBuf::from("qemu-system-x86_64"),
+                vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+                image_dir: image_dir.to_owned(),
+                run_dir: state_dir.join("sandboxes"),
+                accel: Accel::Auto,
+                memory_mb: 512,
+                cpus: 1,
+            },
+            boot_timeout: Duration::from_secs(90),
+            default_job_timeout: Duration::from_secs(3600),
+            kill_grace: Duration::from_secs(5),
+            report_slack: Duration::from_secs(60),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("agentlab.db")
+    }
+
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.state_dir.join("jobs")
+    }
+
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.jobs_dir().join(job_id)
+    }
+
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.state_dir.join("uploads")
+    }
+}

@@ -1,0 +1,51 @@
+//! The wire protocol between `agentlabd` (host) and `agentlab-agent` (guest).
+//!
+//! Every message travels in a frame: a big-endian `u32` payload length followed by a
+//! [postcard](https://docs.rs/postcard) payload. The length is checked against
+//! [`MAX_FRAME_LEN`] before a single payload byte is buffered, so a hostile peer cannot
+//! make the other side allocate more than that per connection.
+//!
+//! A connection opens with [`GuestMessage::Hello`] and [`HostMessage::HelloAck`] (or
+//! [`HostMessage::HelloReject`]); both sides then speak the lower of their highest
+//! supported versions. The `Hello`/`HelloAck`/`HelloReject` layouts are frozen: a later
+//! protocol version adds new messages or capability bits, never new fields in them.
+
+mod error;
+mod frame;
+mod handshake;
+mod messages;
+pub mod transport;
+
+pub use error::ProtocolError;
+pub use frame::{
+    Connection, FrameCodec, GuestConnection, HostConnection, decode_message, encode_message,
+};
+pub use handshake::{guest_handshake, host_handshake, negotiate_version};
+pub use messages::*;
+
+/// The vsock port on the host (CID 2) that every agent dials.
+pub const AGENT_VSOCK_PORT: u32 = 52_000;
+
+/// The vsock CID of the host, as seen from a guest.
+pub const HOST_CID: u32 = 2;
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame payload either side accepts or sends: 1 MiB.
+///
+/// Chunked transfers use [`MAX_CHUNK_LEN`], far below it, so a frame over this limit
+/// always means a broken or hostile peer.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// Largest data chunk in a streamed transfer (output, workdir upload): 64 KiB.
+pub const MAX_CHUNK_LEN: usize = 64 * 1024;
+
+/// How many chunks a sender may have in flight before it waits for an acknowledgement.
+///
+/// Together with [`MAX_CHUNK_LEN`] this bounds what a receiver must buffer (4 MiB) and is
+/// what gives a slow host backpressure all the way into the job's pipes.
+pub const CHUNK_WINDOW: u64 = 64;

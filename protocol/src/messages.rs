@@ -1,0 +1,189 @@
+//! The messages. Variants are encoded by their index: append new ones at the end,
+//! never reorder or remove (a decoder rejects an index it does not know).
+
+use serde::{Deserialize, Serialize};
+
+/// Optional features a side supports, as bits. Unknown bits are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    /// The workdir may be sent as a tar stream over the channel.
+    pub const WORKDIR_UPLOAD: Capabilities = Capabilities(1 << 0);
+    /// Output chunks are sequenced and acknowledged.
+    pub const OUTPUT_ACK: Capabilities = Capabilities(1 << 1);
+
+    /// Everything this build supports.
+    pub const ALL: Capabilities = Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0);
+
+    /// The bits both sides have.
+    #[must_use]
+    pub fn intersect(self, other: Capabilities) -> Capabilities {
+        Capabilities(self.0 & other.0)
+    }
+
+    /// Whether every bit of `other` is set.
+    #[must_use]
+    pub fn contains(self, other: Capabilities) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// The agent's opening message. Layout frozen for all protocol versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub capabilities: Capabilities,
+    /// `CARGO_PKG_VERSION` of the agent.
+    pub agent_version: String,
+    /// `uname -r` of the guest. Informational only: the guest may lie.
+    pub kernel_release: String,
+    /// Landlock ABI the guest kernel reports (0: none). Informational only.
+    pub landlock_abi: u32,
+}
+
+/// The host's acceptance of a [`Hello`]. Layout frozen for all protocol versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The version both sides now speak.
+    pub version: u16,
+    pub capabilities: Capabilities,
+    /// The sandbox the host knows this connection as.
+    pub sandbox_id: String,
+}
+
+/// A job for the agent to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: String,
+    /// Program to execute (looked up in `PATH` if it has no slash).
+    pub program: String,
+    pub args: Vec<String>,
+    /// Extra environment on top of the agent's minimal default environment.
+    pub env: Vec<(String, String)>,
+    /// Absolute path of the working directory in the guest; created if missing.
+    pub workdir: String,
+    /// Wall-clock limit; 0 means none.
+    pub timeout_ms: u64,
+    /// Time between SIGTERM and SIGKILL when the limit is hit or the job is cancelled.
+    pub kill_grace_ms: u64,
+    /// If set, a tar stream of this many bytes follows as [`HostMessage::WorkdirChunk`]s.
+    pub workdir_upload_bytes: Option<u64>,
+}
+
+/// Which of the job's pipes a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of the job's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// Starts at 0 and increases by one per chunk, across both streams.
+    pub seq: u64,
+    pub stream: OutputStream,
+    pub data: Vec<u8>,
+}
+
+/// How the job ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobOutcome {
+    /// The process exited with this code.
+    Exited { code: i32 },
+    /// The process was killed by this signal (not by the agent).
+    Signaled { signal: i32 },
+    /// The wall-clock limit was hit; the agent stopped the job with `signal`.
+    TimedOut { signal: i32 },
+    /// The host cancelled the job; the agent stopped it with `signal`.
+    Cancelled { signal: i32 },
+    /// The job could not be started at all.
+    SpawnFailed { reason: String },
+}
+
+/// The agent's final report on a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub outcome: JobOutcome,
+    pub duration_ms: u64,
+    /// Output bytes the agent sent (both streams).
+    pub output_bytes: u64,
+}
+
+/// Guest → host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    Hello(Hello),
+    /// The workdir tar chunk `seq` was received.
+    WorkdirAck {
+        seq: u64,
+    },
+    /// The job's process is running.
+    JobStarted {
+        pid: u32,
+    },
+    Output(OutputChunk),
+    JobFinished(JobResult),
+    /// The agent could not go on (for example the workdir tar was invalid).
+    AgentError {
+        reason: String,
+    },
+}
+
+/// Host → guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    HelloAck(HelloAck),
+    HelloReject {
+        reason: String,
+        min_version: u16,
+        max_version: u16,
+    },
+    Job(JobSpec),
+    WorkdirChunk {
+        seq: u64,
+        data: Vec<u8>,
+    },
+    /// Output chunks up to and including `seq` are stored.
+    OutputAck {
+        seq: u64,
+    },
+    /// Stop the job: SIGTERM, then SIGKILL after the grace period.
+    Cancel,
+    /// The result is stored; the agent may power the VM off.
+    Shutdown,
+}
+
+/// A short name of a message, for errors and logs. Never includes payload bytes.
+pub trait MessageKind {
+    fn kind(&self) -> &'static str;
+}
+
+impl MessageKind for GuestMessage {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "Hello",
+            Self::WorkdirAck { .. } => "WorkdirAck",
+            Self::JobStarted { .. } => "JobStarted",
+            Self::Output(_) => "Output",
+            Self::JobFinished(_) => "JobFinished",
+            Self::AgentError { .. } => "AgentError",
+        }
+    }
+}
+
+impl MessageKind for HostMessage {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::HelloAck(_) => "HelloAck",
+            Self::HelloReject { .. } => "HelloReject",
+            Self::Job(_) => "Job",
+            Self::WorkdirChunk { .. } => "WorkdirChunk",
+            Self::OutputAck { .. } => "OutputAck",
+            Self::Cancel => "Cancel",
+            Self::Shutdown => "Shutdown",
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Shared harness for the integration and end-to-end tests: locating the built
+//! binaries and the micro image, and running a throwaway agentlabd.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A harness fails loudly by design.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace's top directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A binary built by `cargo build --workspace` (which `make test` runs first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/debug/deps -> target/debug
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// The micro image built by `make image`.
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("AGENTLAB_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build/image"));
+    assert!(
+        dir.join("vmlinux").is_file() && dir.join("initrd.img").is_file(),
+        "the micro image is not built in {}: run `make image` (make test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The host's `uname -r`, to tell guest output from host output.
+pub fn host_kernel() -> String {
+    let out = Command::new("uname").arg("-r").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A throwaway agentlabd with its own state directory, killed on drop.
+pub struct Daemon {
+    pub state: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let state = tempfile::Builder::new()
+            .prefix("agentlab-test-")
+            .tempdir()
+            .unwrap();
+        let socket = state.path().join("agentlabd.sock");
+        let log = std::fs::File::create(state.path().join("agentlabd.log")).unwrap();
+        let child = Command::new(bin("agentlabd"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--image-dir")
+            .arg(image_dir_or_missing())
+            .args(extra)
+            .env("AGENTLAB_LOG", "info,agentlab_host=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agentlabd did not come up: {}",
+                std::fs::read_to_string(state.path().join("agentlabd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            state,
+            socket,
+            child,
+        }
+    }
+
+    /// Runs `agentlab ARGS` against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("agentlab"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("agentlabd.log")).unwrap_or_default()
+    }
+
+    pub fn job_json(&self, id: &str) -> serde_json::Value {
+        let out = self.cli(&["--json", "job", "show", id]);
+        assert!(
+            out.status.success(),
+            "job show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Sandbox directories still present (each holds a VM's sockets while it lives).
+    pub fn live_sandbox_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state.path().join("sandboxes")) {
+            Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn image_dir_or_missing() -> PathBuf {
+    std::env::var_os("AGENTLAB_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build/image"))
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
