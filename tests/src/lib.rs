@@ -65,12 +65,11 @@ impl Daemon {
             .unwrap();
         let socket = state.path().join("agentlabd.sock");
         let log = std::fs::File::create(state.path().join("agentlabd.log")).unwrap();
-        let child = Command::new(bin("agentlabd"))
+        let mut child = Command::new(bin("agentlabd"))
             .arg("--state-dir")
             .arg(state.path())
-            .arg("--image-dir")
-            .arg(image_dir_or_missing())
             .args(extra)
+            .env("AGENTLAB_IMAGE_DIR", image_dir_or_missing())
             .env("AGENTLAB_LOG", "info,agentlab_host=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -79,8 +78,9 @@ impl Daemon {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            let exited = child.try_wait().unwrap().is_some();
             assert!(
-                Instant::now() < deadline,
+                !exited && Instant::now() < deadline,
                 "agentlabd did not come up: {}",
                 std::fs::read_to_string(state.path().join("agentlabd.log")).unwrap_or_default()
             );

@@ -1,0 +1,45 @@
+# AgentLab. `make demo` runs a job in a local microVM; `make test` runs every test.
+# Both install what they need first (scripts/install-deps.sh).
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+MUSL      := x86_64-unknown-linux-musl
+AGENT     := target/$(MUSL)/release/agentlab-agent
+BASELINE  := target/$(MUSL)/release/baseline-init
+IMAGE_DIR := build/image
+
+.PHONY: all deps agent image build test demo bench lint clean
+
+all: build image
+
+deps:
+	@scripts/install-deps.sh
+
+agent: deps
+	cargo build --release --target $(MUSL) -p agentlab-agent -p agentlab-baseline-init
+
+image: agent
+	image/build.sh --agent $(AGENT) --baseline $(BASELINE) --out $(IMAGE_DIR)
+
+build: deps
+	cargo build --workspace
+
+test: image build
+	cargo test --workspace
+
+demo: image
+	cargo build --release -p agentlab-host
+	scripts/demo.sh
+
+bench: image
+	cargo build --release -p agentlab-host -p agentlab-tests --bins
+	scripts/bench.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf build
