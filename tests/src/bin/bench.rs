@@ -1,0 +1,240 @@
+//! `make bench`: measures what docs/SPECIFICATION.md promises, each figure next to
+//! a baseline measured in the same run.
+//!
+//! 1. QEMU start → agent Hello, against a bare static init that only dials the host.
+//! 2. Submit → first output byte at the CLI, minus the boot time.
+//! 3. The agent's static binary size and idle RSS.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark aborts on any surprise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentlab_host::backend::qemu::{Accel, QemuBackend, QemuConfig};
+use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
+use agentlab_host::channel::sanitize_guest_text;
+use agentlab_protocol::transport::hybrid;
+use agentlab_protocol::{AGENT_VSOCK_PORT, HostConnection, HostMessage, host_handshake};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BOOT_RUNS: usize = 5;
+const SUBMIT_RUNS: usize = 3;
+
+struct Args {
+    image_dir: PathBuf,
+    agent: PathBuf,
+    baseline: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut args = std::env::args().skip(1);
+    let mut out = Args {
+        image_dir: PathBuf::from("build/image"),
+        agent: PathBuf::from("target/x86_64-unknown-linux-musl/release/agentlab-agent"),
+        baseline: PathBuf::from("target/x86_64-unknown-linux-musl/release/baseline-init"),
+    };
+    while let Some(flag) = args.next() {
+        let value = PathBuf::from(args.next().unwrap_or_else(|| panic!("{flag} needs a value")));
+        match flag.as_str() {
+            "--image-dir" => out.image_dir = value,
+            "--agent" => out.agent = value,
+            "--baseline" => out.baseline = value,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = parse_args();
+    let scratch = tempfile::Builder::new().prefix("agentlab-bench-").tempdir().unwrap();
+    println!("AgentLab benchmarks ({} runs per boot figure, TCG unless KVM probes fine)", BOOT_RUNS);
+
+    // 1. Boot to Hello, agent image against the baseline image, interleaved.
+    let baseline_dir = scratch.path().join("baseline-image");
+    std::fs::create_dir_all(&baseline_dir).unwrap();
+    std::os::unix::fs::symlink(std::path::absolute(args.image_dir.join("vmlinux")).unwrap(), baseline_dir.join("vmlinux")).unwrap();
+    std::os::unix::fs::symlink(
+        std::path::absolute(args.image_dir.join("baseline-initrd.img")).unwrap(),
+        baseline_dir.join("initrd.img"),
+    )
+    .unwrap();
+    let agent_backend = backend(&args.image_dir, scratch.path());
+    let baseline_backend = backend(&baseline_dir, scratch.path());
+    let (mut agent_ms, mut baseline_ms) = (Vec::new(), Vec::new());
+    for run in 0..BOOT_RUNS {
+        agent_ms.push(boot_to_first_message(&agent_backend, &format!("agent-{run}"), true).await);
+        baseline_ms.push(boot_to_first_message(&baseline_backend, &format!("baseline-{run}"), false).await);
+    }
+    let (agent, baseline) = (median(agent_ms.clone()), median(baseline_ms.clone()));
+    println!("boot: QEMU start -> agent Hello           {agent:8.0} ms (median; runs {})", fmt_runs(&agent_ms));
+    println!("boot: QEMU start -> baseline init dial-in {baseline:8.0} ms (median; runs {})", fmt_runs(&baseline_ms));
+    println!("boot: ratio agent / baseline              {:8.3}x   (goal <= 1.05x)", agent / baseline);
+
+    // 2. Submit to first output byte through the real daemon and CLI.
+    let mut overheads = Vec::new();
+    let mut totals = Vec::new();
+    let mut boots = Vec::new();
+    for _ in 0..SUBMIT_RUNS {
+        let (total, boot) = submit_to_first_byte(&args.image_dir);
+        totals.push(total);
+        boots.push(boot);
+        overheads.push(total - boot);
+    }
+    let (total, boot, overhead) = (median(totals), median(boots), median(overheads.clone()));
+    println!("submit: CLI submit -> first output byte   {total:8.0} ms (median)");
+    println!("submit: of which guest boot (BOOTING->READY) {boot:5.0} ms");
+    println!("submit: AgentLab overhead (total - boot)  {overhead:8.0} ms (runs {}); {:.3}x of the boot", fmt_runs(&overheads), overhead / boot);
+
+    // 3. Agent binary size and idle RSS, against the baseline init and a static busybox.
+    let agent_size = std::fs::metadata(&args.agent).unwrap().len();
+    let baseline_size = std::fs::metadata(&args.baseline).unwrap().len();
+    println!(
+        "agent: static binary size                 {:8.0} KiB ({:.2}x the baseline init's {} KiB)",
+        agent_size as f64 / 1024.0,
+        agent_size as f64 / baseline_size as f64,
+        baseline_size / 1024
+    );
+    let agent_rss = idle_agent_rss_kib(&args.agent, scratch.path()).await;
+    let busybox_rss = idle_rss_kib(Command::new("/bin/busybox").args(["sleep", "30"]));
+    println!(
+        "agent: idle RSS (handshake done, waiting)  {agent_rss:8} KiB ({:.2}x a static busybox sleep's {busybox_rss} KiB)",
+        agent_rss as f64 / busybox_rss as f64
+    );
+}
+
+fn fmt_runs(v: &[f64]) -> String {
+    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ")
+}
+
+fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
+    QemuBackend::new(QemuConfig {
+        qemu: PathBuf::from("qemu-system-x86_64"),
+        vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+        image_dir: image_dir.to_owned(),
+        run_dir: scratch.join("sandboxes"),
+        accel: Accel::Auto,
+        memory_mb: 512,
+        cpus: 1,
+    })
+}
+
+/// Milliseconds from spawning QEMU to the guest's first bytes on the agent port.
+async fn boot_to_first_message(backend: &QemuBackend, name: &str, is_agent: bool) -> f64 {
+    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
+    let mut vm = backend.provision(&ProvisionRequest { sandbox_id: name.to_owned(), console_log: console.clone() }).await.unwrap();
+    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
+    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    let started = Instant::now();
+    vm.boot().await.unwrap();
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no dial-in within 60 s\n{}", vm.diagnostics()))
+        .unwrap();
+    let elapsed;
+    if is_agent {
+        let mut conn = HostConnection::new(stream);
+        let (hello, _) = host_handshake(&mut conn, name).await.unwrap();
+        elapsed = started.elapsed();
+        assert!(!sanitize_guest_text(&hello.kernel_release).is_empty());
+        conn.send(HostMessage::Shutdown).await.unwrap();
+    } else {
+        let mut buf = [0u8; 6];
+        stream.read_exact(&mut buf).await.unwrap();
+        elapsed = started.elapsed();
+        assert_eq!(&buf, b"HELLO\n");
+        stream.shutdown().await.unwrap();
+    }
+    vm.destroy().await.unwrap();
+    let _ = std::fs::remove_file(console);
+    elapsed.as_secs_f64() * 1000.0
+}
+
+/// Runs one job through a fresh daemon; returns (submit→first byte, boot) in ms.
+fn submit_to_first_byte(image_dir: &Path) -> (f64, f64) {
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+    let state = tempfile::Builder::new().prefix("agentlab-bench-state-").tempdir().unwrap();
+    let socket = state.path().join("agentlabd.sock");
+    let mut daemon = Command::new(bin_dir.join("agentlabd"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--image-dir")
+        .arg(image_dir)
+        .env("AGENTLAB_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let mut cli = Command::new(bin_dir.join("agentlab"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["job", "submit", "--follow", "--cmd", "echo first-byte"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(cli.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    assert!(cli.wait().unwrap().success());
+    let out = Command::new(bin_dir.join("agentlab")).arg("--socket").arg(&socket).args(["--json", "job", "list"]).output().unwrap();
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = jobs[0]["id"].as_str().unwrap();
+    let out = Command::new(bin_dir.join("agentlab")).arg("--socket").arg(&socket).args(["--json", "job", "show", id]).output().unwrap();
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |to: &str| {
+        job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.state" && e["to_state"] == to).unwrap()["at_ms"]
+            .as_i64()
+            .unwrap()
+    };
+    let boot = (at("READY") - at("BOOTING")) as f64;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    (total, boot)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+fn idle_rss_kib(cmd: &mut Command) -> u64 {
+    let mut child = cmd.stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    rss
+}
+
+/// The agent on this host over `--unix`, after its handshake, waiting for a job.
+async fn idle_agent_rss_kib(agent: &Path, scratch: &Path) -> u64 {
+    let sock = scratch.join("rss-agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let mut child = tokio::process::Command::new(agent)
+        .arg("run")
+        .arg("--unix")
+        .arg(&sock)
+        .arg("--status-socket")
+        .arg(scratch.join("rss-status.sock"))
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = HostConnection::new(stream);
+    host_handshake(&mut conn, "sb-rss").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss = rss_kib(child.id().unwrap());
+    conn.send(HostMessage::Shutdown).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    rss
+}
