@@ -81,7 +81,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     other => other.into(),
                 })?;
         observer.handshake_done(&hello, &ack);
-        self.conn.send(HostMessage::Job(spec)).await?;
+        self.send(HostMessage::Job(spec), "before the job started")
+            .await?;
         if let Some(path) = upload {
             self.upload(path).await?;
         }
@@ -195,6 +196,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 }
                 other => return Err(unexpected(phase, &other)),
             }
+        }
+    }
+
+    async fn send(&mut self, msg: HostMessage, phase: &'static str) -> Result<(), SessionError> {
+        match self.conn.send(msg).await {
+            Err(ProtocolError::Io { source, .. }) if is_disconnect(&source) => {
+                Err(SessionError::Disconnected { phase })
+            }
+            other => other.map_err(SessionError::from),
         }
     }
 

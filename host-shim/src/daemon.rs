@@ -81,21 +81,18 @@ impl Daemon {
             self.store
                 .transition_job(&job, JobState::Failed, Some(&end), Some(reason))?;
         }
-        for sandbox in sandboxes {
-            let views = self.store.sandboxes()?;
-            let state = views.iter().find(|s| s.id == sandbox).map(|s| s.state);
-            if let Some(state) = state {
-                if state.can_become(SandboxState::Failed) {
-                    self.store
-                        .transition_sandbox(&sandbox, SandboxState::Failed, Some(reason))?;
-                }
-                self.store.transition_sandbox(
-                    &sandbox,
-                    SandboxState::Destroyed,
-                    Some("cleaned up at start"),
-                )?;
+        let views = self.store.sandboxes()?;
+        for view in views.iter().filter(|v| sandboxes.contains(&v.id)) {
+            if view.state.can_become(SandboxState::Failed) {
+                self.store
+                    .transition_sandbox(&view.id, SandboxState::Failed, Some(reason))?;
             }
-            let _ = std::fs::remove_dir_all(self.config.qemu.run_dir.join(&sandbox));
+            self.store.transition_sandbox(
+                &view.id,
+                SandboxState::Destroyed,
+                Some("cleaned up at start"),
+            )?;
+            let _ = std::fs::remove_dir_all(self.config.qemu.run_dir.join(&view.id));
         }
         Ok(())
     }

@@ -53,6 +53,38 @@ pub struct Daemon {
     child: Child,
 }
 
+/// Starts agentlabd on `state` and waits until it serves its socket.
+fn spawn_daemon(state: &Path, extra: &[&str]) -> Child {
+    let socket = state.join("agentlabd.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("agentlabd.log"))
+        .unwrap();
+    let mut child = Command::new(bin("agentlabd"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .env("AGENTLAB_IMAGE_DIR", image_dir_or_missing())
+        .env("AGENTLAB_LOG", "info,agentlab_host=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        let exited = child.try_wait().unwrap().is_some();
+        assert!(
+            !exited && Instant::now() < deadline,
+            "agentlabd did not come up: {}",
+            std::fs::read_to_string(state.join("agentlabd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(&[])
@@ -64,33 +96,36 @@ impl Daemon {
             .tempdir()
             .unwrap();
         let socket = state.path().join("agentlabd.sock");
-        let log = std::fs::File::create(state.path().join("agentlabd.log")).unwrap();
-        let mut child = Command::new(bin("agentlabd"))
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(extra)
-            .env("AGENTLAB_IMAGE_DIR", image_dir_or_missing())
-            .env("AGENTLAB_LOG", "info,agentlab_host=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            let exited = child.try_wait().unwrap().is_some();
-            assert!(
-                !exited && Instant::now() < deadline,
-                "agentlabd did not come up: {}",
-                std::fs::read_to_string(state.path().join("agentlabd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn_daemon(state.path(), extra);
         Daemon {
             state,
             socket,
             child,
         }
+    }
+
+    /// SIGKILLs the daemon (no clean-up of any kind) and starts a new one on the same state.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = spawn_daemon(self.state.path(), &[]);
+    }
+
+    /// Processes other than agentlabd whose command line names this daemon's state
+    /// directory: its VMs and their devices.
+    pub fn processes_using_state(&self) -> Vec<String> {
+        let needle = self.state.path().to_str().unwrap().to_owned();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && !cmdline.contains("agentlabd") {
+                found.push(cmdline);
+            }
+        }
+        found
     }
 
     /// Runs `agentlab ARGS` against this daemon.
