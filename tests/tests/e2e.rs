@@ -40,6 +40,12 @@ fn assert_cleaned_up(d: &Daemon, job: &Value) {
         .find(|s| s["id"] == job["sandbox_id"])
         .unwrap();
     assert_eq!(sb["state"], "DESTROYED", "{sb}");
+    // KVM only after a successful probe boot; otherwise the log says why not.
+    match sb["accel"].as_str() {
+        Some("kvm") => {}
+        Some("tcg") => assert!(d.log().contains("KVM probe"), "{}", d.log()),
+        other => panic!("accel {other:?}"),
+    }
     assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());
 }
 

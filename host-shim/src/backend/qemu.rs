@@ -128,20 +128,22 @@ impl QemuBackend {
 }
 
 /// Boots the image under KVM with `agentlab.probe`, which makes the agent print a
-/// marker and power off at once. Anything else (no /dev/kvm, a hang, a crash) is "no".
+/// marker and power off at once. Anything else (no /dev/kvm, QEMU refusing the CPU, a
+/// hang, a crash) is "no", logged with the reason.
 async fn probe_kvm(qemu: &Path, config: &QemuConfig) -> bool {
-    if std::fs::File::options()
+    if let Err(e) = std::fs::File::options()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_err()
     {
+        tracing::info!("KVM probe: /dev/kvm unusable: {e}");
         return false;
     }
     let Ok(dir) = tempfile_dir(&config.run_dir, "kvm-probe") else {
         return false;
     };
     let console = dir.join("console.log");
+    let qemu_log = dir.join("qemu.log");
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1",
@@ -153,19 +155,38 @@ async fn probe_kvm(qemu: &Path, config: &QemuConfig) -> bool {
     ))
     .stdin(Stdio::null())
     .stdout(Stdio::null())
-    .stderr(Stdio::null())
     .kill_on_drop(true);
-    let ok = match cmd.spawn() {
+    if let Ok(log) = std::fs::File::create(&qemu_log) {
+        cmd.stderr(log);
+    }
+    let verdict = match cmd.spawn() {
         Ok(mut child) => match tokio::time::timeout(PROBE_TIMEOUT, child.wait()).await {
-            Ok(Ok(_)) => {
-                std::fs::read_to_string(&console).is_ok_and(|c| c.contains("AGENTLAB-PROBE-OK"))
+            Ok(Ok(status))
+                if std::fs::read_to_string(&console)
+                    .is_ok_and(|c| c.contains("AGENTLAB-PROBE-OK")) =>
+            {
+                Ok(status)
             }
-            _ => false,
+            Ok(Ok(status)) => Err(format!(
+                "QEMU exited ({status}) without the probe marker: {}",
+                tail(&qemu_log, 3)
+            )),
+            Ok(Err(e)) => Err(format!("waiting for QEMU: {e}")),
+            Err(_) => Err(format!(
+                "the guest did not finish within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
         },
-        Err(_) => false,
+        Err(e) => Err(format!("cannot start QEMU: {e}")),
     };
     let _ = std::fs::remove_dir_all(&dir);
-    ok
+    match verdict {
+        Ok(_) => true,
+        Err(reason) => {
+            tracing::info!("KVM probe boot failed: {reason}");
+            false
+        }
+    }
 }
 
 fn tempfile_dir(parent: &Path, name: &str) -> std::io::Result<PathBuf> {
