@@ -26,7 +26,7 @@ build: deps
 	cargo build --workspace
 
 test: image build
-	cargo test --workspace
+	scripts/test.sh
 
 demo: image
 	cargo build --release -p agentlab-host

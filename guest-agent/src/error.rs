@@ -6,11 +6,7 @@ use agentlab_protocol::ProtocolError;
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum AgentError {
     /// could not reach the host at {target} within {secs} s: {source}
-    Connect {
-        target: String,
-        secs: u64,
-        source: ProtocolError,
-    },
+    Connect { target: String, secs: u64, source: ProtocolError },
     /// {0}
     Protocol(#[from] ProtocolError),
     /// cannot prepare the workdir {path}: {source}

@@ -22,10 +22,7 @@ pub const PROBE_MARKER: &str = "AGENTLAB-PROBE-OK";
 
 pub fn run_as_pid1() -> ! {
     mount_basics();
-    match modules::load_listed(
-        Path::new(modules::MODULE_ORDER),
-        Path::new(modules::MODULE_DIR),
-    ) {
+    match modules::load_listed(Path::new(modules::MODULE_ORDER), Path::new(modules::MODULE_DIR)) {
         Ok(_) => {}
         Err(e) => eprintln!("agentlab-agent: {e}"),
     }
@@ -62,34 +59,10 @@ pub fn run_as_pid1() -> ! {
 fn mount_basics() {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 6] = [
-        (
-            "proc",
-            "/proc",
-            "proc",
-            nosuid_nodev | MsFlags::MS_NOEXEC,
-            None,
-        ),
-        (
-            "sysfs",
-            "/sys",
-            "sysfs",
-            nosuid_nodev | MsFlags::MS_NOEXEC,
-            None,
-        ),
-        (
-            "devtmpfs",
-            "/dev",
-            "devtmpfs",
-            MsFlags::MS_NOSUID,
-            Some("mode=0755"),
-        ),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("gid=5,mode=620,ptmxmode=666"),
-        ),
+        ("proc", "/proc", "proc", nosuid_nodev | MsFlags::MS_NOEXEC, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666")),
         ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777")),
         ("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755")),
     ];
@@ -119,9 +92,7 @@ fn reap_until(agent: Pid) {
 fn power_off() -> ! {
     // Whatever the job left behind goes first, then the page cache reaches the disk.
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    while waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
-        .is_ok_and(|s| s != WaitStatus::StillAlive)
-    {}
+    while waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG)).is_ok_and(|s| s != WaitStatus::StillAlive) {}
     sync();
     let _ = reboot(RebootMode::RB_POWER_OFF);
     // reboot() only returns on failure; PID 1 must never exit.

@@ -6,8 +6,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec,
-    MAX_CHUNK_LEN, OutputChunk, OutputStream, ProtocolError,
+    CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec, MAX_CHUNK_LEN,
+    OutputChunk, OutputStream, ProtocolError,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -54,9 +54,7 @@ pub async fn run<S: Stream>(
         Ok(child) => child,
         Err(e) => {
             return Ok(JobResult {
-                outcome: JobOutcome::SpawnFailed {
-                    reason: format!("cannot start {:?}: {e}", spec.program),
-                },
+                outcome: JobOutcome::SpawnFailed { reason: format!("cannot start {:?}: {e}", spec.program) },
                 duration_ms: 0,
                 output_bytes: 0,
             });
@@ -148,11 +146,7 @@ pub async fn run<S: Stream>(
 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = outcome_of(exit, stop);
-    Ok(JobResult {
-        outcome,
-        duration_ms,
-        output_bytes,
-    })
+    Ok(JobResult { outcome, duration_ms, output_bytes })
 }
 
 fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> JobOutcome {
@@ -169,21 +163,13 @@ fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> J
         (None, Some(status)) => match (status.code(), died_of) {
             (Some(code), _) => JobOutcome::Exited { code },
             (None, Some(signal)) => JobOutcome::Signaled { signal },
-            (None, None) => JobOutcome::SpawnFailed {
-                reason: format!("unrecognised exit status {status}"),
-            },
+            (None, None) => JobOutcome::SpawnFailed { reason: format!("unrecognised exit status {status}") },
         },
-        (None, None) => JobOutcome::SpawnFailed {
-            reason: "the job vanished".to_owned(),
-        },
+        (None, None) => JobOutcome::SpawnFailed { reason: "the job vanished".to_owned() },
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(
-    mut pipe: R,
-    stream: OutputStream,
-    tx: mpsc::Sender<(OutputStream, Vec<u8>)>,
-) {
+async fn pump<R: AsyncRead + Unpin>(mut pipe: R, stream: OutputStream, tx: mpsc::Sender<(OutputStream, Vec<u8>)>) {
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     loop {
         match pipe.read(&mut buf).await {

@@ -21,14 +21,9 @@ pub fn load_listed(order_file: &Path, dir: &Path) -> Result<usize, String> {
         Err(e) => return Err(format!("reading {}: {e}", order_file.display())),
     };
     let mut loaded = 0;
-    for name in list
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let path = dir.join(name);
-        let file =
-            File::open(&path).map_err(|e| format!("opening module {}: {e}", path.display()))?;
+        let file = File::open(&path).map_err(|e| format!("opening module {}: {e}", path.display()))?;
         match finit_module(&file, c"", ModuleInitFlags::empty()) {
             Ok(()) => loaded += 1,
             Err(Errno::EEXIST) => {}

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use agentlab_protocol::transport::vsock;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HostMessage,
-    MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
+    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HostMessage, MIN_PROTOCOL_VERSION,
+    MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -38,12 +38,7 @@ pub struct RunArgs {
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self {
-            cid: HOST_CID,
-            port: AGENT_VSOCK_PORT,
-            unix: None,
-            status_socket: PathBuf::from(STATUS_SOCKET),
-        }
+        Self { cid: HOST_CID, port: AGENT_VSOCK_PORT, unix: None, status_socket: PathBuf::from(STATUS_SOCKET) }
     }
 }
 
@@ -51,11 +46,7 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 pub fn run_blocking(args: RunArgs) -> Result<(), AgentError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(AgentError::Runtime)?
-        .block_on(run(args))
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?.block_on(run(args))
 }
 
 async fn run(args: RunArgs) -> Result<(), AgentError> {
@@ -64,10 +55,7 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         None => format!("vsock:{}:{}", args.cid, args.port),
     };
     let board = StatusBoard::new(target.clone());
-    tokio::spawn(crate::status::serve(
-        args.status_socket.clone(),
-        board.clone(),
-    ));
+    tokio::spawn(crate::status::serve(args.status_socket.clone(), board.clone()));
 
     let stream = connect(&args, &target).await?;
     let mut conn = GuestConnection::new(stream);
@@ -80,11 +68,7 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         landlock_abi: sysinfo::landlock_abi(),
     };
     let ack = guest_handshake(&mut conn, hello).await?;
-    tracing::info!(
-        "connected to {target} as {} (protocol v{})",
-        ack.sandbox_id,
-        ack.version
-    );
+    tracing::info!("connected to {target} as {} (protocol v{})", ack.sandbox_id, ack.version);
     board.update(|s| {
         s.channel.up = true;
         s.channel.protocol_version = Some(ack.version);
@@ -95,28 +79,14 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         HostMessage::Job(spec) => spec,
         HostMessage::Shutdown => return Ok(()),
         other => {
-            return Err(ProtocolError::Unexpected {
-                expected: "Job",
-                got: other.kind().to_owned(),
-            }
-            .into());
+            return Err(ProtocolError::Unexpected { expected: "Job", got: other.kind().to_owned() }.into());
         }
     };
-    board.update(|s| {
-        s.job = Some(JobStatus {
-            id: spec.job_id.clone(),
-            phase: Phase::ReceivingWorkdir,
-            pid: None,
-        })
-    });
+    board.update(|s| s.job = Some(JobStatus { id: spec.job_id.clone(), phase: Phase::ReceivingWorkdir, pid: None }));
 
     let workdir = Path::new(&spec.workdir);
     if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
-        let _ = conn
-            .send(GuestMessage::AgentError {
-                reason: err.to_string(),
-            })
-            .await;
+        let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
         return Err(err);
     }
 
@@ -137,18 +107,12 @@ async fn connect(args: &RunArgs, target: &str) -> Result<Box<dyn Stream>, AgentE
                 .await
                 .map(|s| Box::new(s) as Box<dyn Stream>)
                 .map_err(|e| ProtocolError::io(format!("connecting to {}", path.display()), e)),
-            None => vsock::connect(args.cid, args.port)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Stream>),
+            None => vsock::connect(args.cid, args.port).await.map(|s| Box::new(s) as Box<dyn Stream>),
         };
         match attempt {
             Ok(stream) => return Ok(stream),
             Err(source) if started.elapsed() >= CONNECT_TIMEOUT => {
-                return Err(AgentError::Connect {
-                    target: target.to_owned(),
-                    secs: CONNECT_TIMEOUT.as_secs(),
-                    source,
-                });
+                return Err(AgentError::Connect { target: target.to_owned(), secs: CONNECT_TIMEOUT.as_secs(), source });
             }
             Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
         }
@@ -163,18 +127,12 @@ async fn prepare_workdir<S: Stream>(
     if !workdir.is_absolute() {
         return Err(AgentError::Workdir {
             path: workdir.display().to_string(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the workdir must be an absolute path",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the workdir must be an absolute path"),
         });
     }
     tokio::fs::create_dir_all(workdir)
         .await
-        .map_err(|source| AgentError::Workdir {
-            path: workdir.display().to_string(),
-            source,
-        })?;
+        .map_err(|source| AgentError::Workdir { path: workdir.display().to_string(), source })?;
     if let Some(total) = upload_bytes {
         upload::receive(conn, total, workdir).await?;
     }
@@ -192,9 +150,6 @@ async fn wait_for_shutdown<S: Stream>(conn: &mut GuestConnection<S>) {
         }
     };
     if tokio::time::timeout(SHUTDOWN_WAIT, wait).await.is_err() {
-        tracing::warn!(
-            "the host did not acknowledge the result within {} s",
-            SHUTDOWN_WAIT.as_secs()
-        );
+        tracing::warn!("the host did not acknowledge the result within {} s", SHUTDOWN_WAIT.as_secs());
     }
 }

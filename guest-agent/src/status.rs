@@ -51,6 +51,17 @@ pub enum Phase {
     Done,
 }
 
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::ReceivingWorkdir => "receiving-workdir",
+            Phase::Running => "running",
+            Phase::Reporting => "reporting",
+            Phase::Done => "done",
+        }
+    }
+}
+
 /// The agent's live state, shared between the session and the status server.
 #[derive(Clone)]
 pub struct StatusBoard(Arc<Mutex<AgentStatus>>);
@@ -62,10 +73,7 @@ impl StatusBoard {
             agent_running: true,
             kernel_release: sysinfo::kernel_release(),
             landlock_abi: sysinfo::landlock_abi(),
-            channel: ChannelStatus {
-                target,
-                ..ChannelStatus::default()
-            },
+            channel: ChannelStatus { target, ..ChannelStatus::default() },
             job: None,
         })))
     }
@@ -75,10 +83,7 @@ impl StatusBoard {
     }
 
     pub fn snapshot(&self) -> AgentStatus {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub fn set_phase(&self, phase: Phase) {
@@ -134,45 +139,28 @@ pub fn query(socket: &Path) -> AgentStatus {
 pub fn print_status(socket: &Path, json: bool) -> ExitCode {
     let status = query(socket);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
     } else {
         print!("{}", render(&status, socket));
     }
-    if status.agent_running {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    if status.agent_running { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn render(s: &AgentStatus, socket: &Path) -> String {
-    let running = if s.agent_running {
-        "yes".to_owned()
-    } else {
-        format!("no (nothing answers on {})", socket.display())
-    };
+    let running =
+        if s.agent_running { "yes".to_owned() } else { format!("no (nothing answers on {})", socket.display()) };
     let channel = match (s.channel.up, s.channel.protocol_version) {
         (true, Some(v)) => format!("up ({}, protocol v{v})", s.channel.target),
         _ if s.agent_running => format!("down (dialing {})", s.channel.target),
         _ => "down".to_owned(),
     };
     let job = match &s.job {
-        Some(j) => format!(
-            "{} ({:?}{})",
-            j.id,
-            j.phase,
-            j.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
-        ),
+        Some(j) => {
+            format!("{} ({}{})", j.id, j.phase.as_str(), j.pid.map(|p| format!(", pid {p}")).unwrap_or_default())
+        }
         None => "none".to_owned(),
     };
-    let landlock = if s.landlock_abi == 0 {
-        "not supported".to_owned()
-    } else {
-        format!("ABI {}", s.landlock_abi)
-    };
+    let landlock = if s.landlock_abi == 0 { "not supported".to_owned() } else { format!("ABI {}", s.landlock_abi) };
     format!(
         "agent version:  {}\nagent running:  {running}\nkernel:         {}\nhost channel:   {channel}\nsandbox:        {}\ncurrent job:    {job}\nlandlock:       {landlock}\n",
         s.agent_version,
@@ -193,19 +181,13 @@ mod tests {
         board.update(|s| {
             s.channel.up = true;
             s.channel.protocol_version = Some(1);
-            s.job = Some(JobStatus {
-                id: "job-1".into(),
-                phase: Phase::Running,
-                pid: Some(7),
-            });
+            s.job = Some(JobStatus { id: "job-1".into(), phase: Phase::Running, pid: Some(7) });
         });
         tokio::spawn(serve(path.clone(), board.clone()));
         let mut got = None;
         for _ in 0..100 {
             let p = path.clone();
-            let s = tokio::task::spawn_blocking(move || query(&p))
-                .await
-                .unwrap();
+            let s = tokio::task::spawn_blocking(move || query(&p)).await.unwrap();
             if s.agent_running {
                 got = Some(s);
                 break;
@@ -215,14 +197,8 @@ mod tests {
         let got = got.unwrap();
         assert_eq!(got, board.snapshot());
         let text = render(&got, &path);
-        assert!(
-            text.contains("host channel:   up (unix:/x, protocol v1)\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("current job:    job-1 (Running, pid 7)\n"),
-            "{text}"
-        );
+        assert!(text.contains("host channel:   up (unix:/x, protocol v1)\n"), "{text}");
+        assert!(text.contains("current job:    job-1 (running, pid 7)\n"), "{text}");
     }
 
     #[test]

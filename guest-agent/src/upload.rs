@@ -12,11 +12,7 @@ use crate::session::Stream;
 /// Bytes buffered between the channel and the unpacker.
 const PIPE_BYTES: usize = 256 * 1024;
 
-pub async fn receive<S: Stream>(
-    conn: &mut GuestConnection<S>,
-    total: u64,
-    workdir: &Path,
-) -> Result<(), AgentError> {
+pub async fn receive<S: Stream>(conn: &mut GuestConnection<S>, total: u64, workdir: &Path) -> Result<(), AgentError> {
     let (mut sink, source) = tokio::io::duplex(PIPE_BYTES);
     let reader = SyncIoBridge::new(source);
     let dir = workdir.to_owned();
@@ -35,21 +31,14 @@ pub async fn receive<S: Stream>(
     while received < total {
         let msg = conn.recv_required("a workdir chunk").await?;
         let HostMessage::WorkdirChunk { seq, data } = msg else {
-            return Err(AgentError::Upload(format!(
-                "expected a workdir chunk, got {}",
-                msg.kind()
-            )));
+            return Err(AgentError::Upload(format!("expected a workdir chunk, got {}", msg.kind())));
         };
         if seq != next_seq {
-            return Err(AgentError::Upload(format!(
-                "chunk {seq} arrived where {next_seq} was due"
-            )));
+            return Err(AgentError::Upload(format!("chunk {seq} arrived where {next_seq} was due")));
         }
         received += data.len() as u64;
         if received > total {
-            return Err(AgentError::Upload(format!(
-                "received {received} bytes, more than the announced {total}"
-            )));
+            return Err(AgentError::Upload(format!("received {received} bytes, more than the announced {total}")));
         }
         // The unpacker stops at the end-of-archive marker and may drop its end early;
         // the remaining padding is then acknowledged and discarded.
@@ -62,10 +51,7 @@ pub async fn receive<S: Stream>(
     drop(sink);
     match unpacker.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(AgentError::Upload(format!(
-            "unpacking into {}: {e}",
-            workdir.display()
-        ))),
+        Ok(Err(e)) => Err(AgentError::Upload(format!("unpacking into {}: {e}", workdir.display()))),
         Err(e) => Err(AgentError::Upload(format!("unpacker died: {e}"))),
     }
 }

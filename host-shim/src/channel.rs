@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec,
-    MAX_CHUNK_LEN, MessageKind, OutputChunk, ProtocolError, host_handshake,
+    CHUNK_WINDOW, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec, MAX_CHUNK_LEN,
+    MessageKind, OutputChunk, ProtocolError, host_handshake,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
@@ -25,10 +25,7 @@ pub enum SessionError {
     /// the guest agent reported an error {phase}: {reason}
     Agent { phase: &'static str, reason: String },
     /// cannot read the workdir upload {path}: {source}
-    Upload {
-        path: String,
-        source: std::io::Error,
-    },
+    Upload { path: String, source: std::io::Error },
     /// cannot store the job's output: {0}
     Store(std::io::Error),
 }
@@ -46,10 +43,7 @@ pub fn sanitize_guest_text(text: &str) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end]
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    text[..end].chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 pub struct HostSession<S> {
@@ -58,9 +52,7 @@ pub struct HostSession<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     pub fn new(stream: S) -> Self {
-        Self {
-            conn: HostConnection::new(stream),
-        }
+        Self { conn: HostConnection::new(stream) }
     }
 
     /// Runs the session to the job's result.
@@ -71,18 +63,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         upload: Option<&Path>,
         observer: &mut dyn SessionObserver,
     ) -> Result<JobResult, SessionError> {
-        let (hello, ack) =
-            host_handshake(&mut self.conn, sandbox_id)
-                .await
-                .map_err(|e| match e {
-                    ProtocolError::Closed { .. } => SessionError::Disconnected {
-                        phase: "before its Hello",
-                    },
-                    other => other.into(),
-                })?;
+        let (hello, ack) = host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
+            ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
+            other => other.into(),
+        })?;
         observer.handshake_done(&hello, &ack);
-        self.send(HostMessage::Job(spec), "before the job started")
-            .await?;
+        self.send(HostMessage::Job(spec), "before the job started").await?;
         if let Some(path) = upload {
             self.upload(path).await?;
         }
@@ -96,10 +82,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
 
     async fn upload(&mut self, path: &Path) -> Result<(), SessionError> {
         const PHASE: &str = "during the workdir upload";
-        let upload_err = |source| SessionError::Upload {
-            path: path.display().to_string(),
-            source,
-        };
+        let upload_err = |source| SessionError::Upload { path: path.display().to_string(), source };
         let mut file = tokio::fs::File::open(path).await.map_err(upload_err)?;
         let mut buf = vec![0u8; MAX_CHUNK_LEN];
         let (mut sent, mut acked) = (0u64, 0u64);
@@ -110,12 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 if n == 0 {
                     eof = true;
                 } else {
-                    self.conn
-                        .send(HostMessage::WorkdirChunk {
-                            seq: sent,
-                            data: buf[..n].to_vec(),
-                        })
-                        .await?;
+                    self.conn.send(HostMessage::WorkdirChunk { seq: sent, data: buf[..n].to_vec() }).await?;
                     sent += 1;
                 }
                 continue;
@@ -129,10 +107,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     });
                 }
                 GuestMessage::AgentError { reason } => {
-                    return Err(SessionError::Agent {
-                        phase: PHASE,
-                        reason: sanitize_guest_text(&reason),
-                    });
+                    return Err(SessionError::Agent { phase: PHASE, reason: sanitize_guest_text(&reason) });
                 }
                 other => return Err(unexpected(PHASE, &other)),
             }
@@ -140,18 +115,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         Ok(())
     }
 
-    async fn stream_output(
-        &mut self,
-        observer: &mut dyn SessionObserver,
-    ) -> Result<JobResult, SessionError> {
+    async fn stream_output(&mut self, observer: &mut dyn SessionObserver) -> Result<JobResult, SessionError> {
         let mut started = false;
         let mut next_seq = 0u64;
         loop {
-            let phase = if started {
-                "while the job was running"
-            } else {
-                "before the job started"
-            };
+            let phase = if started { "while the job was running" } else { "before the job started" };
             match self.recv(phase).await? {
                 GuestMessage::JobStarted { pid } if !started => {
                     started = true;
@@ -167,32 +135,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     if chunk.data.len() > MAX_CHUNK_LEN {
                         return Err(SessionError::Violation {
                             phase,
-                            detail: format!(
-                                "output chunk of {} bytes, over {MAX_CHUNK_LEN}",
-                                chunk.data.len()
-                            ),
+                            detail: format!("output chunk of {} bytes, over {MAX_CHUNK_LEN}", chunk.data.len()),
                         });
                     }
                     observer.output(&chunk).map_err(SessionError::Store)?;
-                    self.conn
-                        .send(HostMessage::OutputAck { seq: chunk.seq })
-                        .await?;
+                    self.conn.send(HostMessage::OutputAck { seq: chunk.seq }).await?;
                     next_seq += 1;
                 }
                 GuestMessage::JobFinished(result) => {
                     let mut result = result;
-                    if let agentlab_protocol::JobOutcome::SpawnFailed { reason } =
-                        &mut result.outcome
-                    {
+                    if let agentlab_protocol::JobOutcome::SpawnFailed { reason } = &mut result.outcome {
                         *reason = sanitize_guest_text(reason);
                     }
                     return Ok(result);
                 }
                 GuestMessage::AgentError { reason } => {
-                    return Err(SessionError::Agent {
-                        phase,
-                        reason: sanitize_guest_text(&reason),
-                    });
+                    return Err(SessionError::Agent { phase, reason: sanitize_guest_text(&reason) });
                 }
                 other => return Err(unexpected(phase, &other)),
             }
@@ -222,15 +180,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
 
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted
-    )
+    matches!(e.kind(), ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted)
 }
 
 fn unexpected(phase: &'static str, msg: &GuestMessage) -> SessionError {
-    SessionError::Violation {
-        phase,
-        detail: format!("unexpected {} message", msg.kind()),
-    }
+    SessionError::Violation { phase, detail: format!("unexpected {} message", msg.kind()) }
 }

@@ -22,13 +22,10 @@ const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub enum DaemonError {
     /// {0}
     Store(#[from] StoreError),
-    /// invalid job: {0}
+    /// invalid: {0}
     Invalid(String),
     /// {context}: {source}
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 pub struct Daemon {
@@ -45,25 +42,21 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonEr
 
 impl Daemon {
     /// Opens the state and settles whatever a previous daemon left unfinished.
-    pub fn open(
-        config: DaemonConfig,
-        backend: Arc<dyn Backend>,
-    ) -> Result<Arc<Daemon>, DaemonError> {
-        for dir in [
-            &config.state_dir,
-            &config.jobs_dir(),
-            &config.uploads_dir(),
-            &config.qemu.run_dir,
-        ] {
+    pub fn open(config: DaemonConfig, backend: Arc<dyn Backend>) -> Result<Arc<Daemon>, DaemonError> {
+        // QEMU and vhost-device-vsock take socket paths inside comma-separated options.
+        for (flag, path) in [("--state-dir", &config.state_dir), ("--image-dir", &config.qemu.image_dir)] {
+            if path.to_string_lossy().contains(',') {
+                return Err(DaemonError::Invalid(format!(
+                    "{flag} {} contains a comma, which QEMU and vhost-device-vsock read as an option separator: choose a path without one",
+                    path.display()
+                )));
+            }
+        }
+        for dir in [&config.state_dir, &config.jobs_dir(), &config.uploads_dir(), &config.qemu.run_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         let store = Store::open(&config.db_path())?;
-        let daemon = Arc::new(Daemon {
-            config,
-            store,
-            backend,
-            live: Mutex::new(HashMap::new()),
-        });
+        let daemon = Arc::new(Daemon { config, store, backend, live: Mutex::new(HashMap::new()) });
         daemon.settle_unfinished()?;
         Ok(daemon)
     }
@@ -74,24 +67,15 @@ impl Daemon {
         let (jobs, sandboxes) = self.store.unfinished()?;
         let reason = "agentlabd stopped while this job was in flight; its sandbox did not survive";
         for job in jobs {
-            let end = JobEnd {
-                error: Some(reason.to_owned()),
-                ..JobEnd::default()
-            };
-            self.store
-                .transition_job(&job, JobState::Failed, Some(&end), Some(reason))?;
+            let end = JobEnd { error: Some(reason.to_owned()), ..JobEnd::default() };
+            self.store.transition_job(&job, JobState::Failed, Some(&end), Some(reason))?;
         }
         let views = self.store.sandboxes()?;
         for view in views.iter().filter(|v| sandboxes.contains(&v.id)) {
             if view.state.can_become(SandboxState::Failed) {
-                self.store
-                    .transition_sandbox(&view.id, SandboxState::Failed, Some(reason))?;
+                self.store.transition_sandbox(&view.id, SandboxState::Failed, Some(reason))?;
             }
-            self.store.transition_sandbox(
-                &view.id,
-                SandboxState::Destroyed,
-                Some("cleaned up at start"),
-            )?;
+            self.store.transition_sandbox(&view.id, SandboxState::Destroyed, Some("cleaned up at start"))?;
             let _ = std::fs::remove_dir_all(self.config.qemu.run_dir.join(&view.id));
         }
         Ok(())
@@ -100,9 +84,7 @@ impl Daemon {
     /// Checks a submission before anything is stored.
     pub fn validate(&self, req: &SubmitRequest) -> Result<(), DaemonError> {
         if req.command.trim().is_empty() {
-            return Err(DaemonError::Invalid(
-                "the command is empty: pass --cmd 'COMMAND'".into(),
-            ));
+            return Err(DaemonError::Invalid("the command is empty: pass --cmd 'COMMAND'".into()));
         }
         if req.command.len() > MAX_COMMAND_BYTES {
             return Err(DaemonError::Invalid(format!(
@@ -114,9 +96,7 @@ impl Daemon {
             return Err(DaemonError::Invalid("the timeout is over 7 days".into()));
         }
         if req.repo_bytes.is_some_and(|b| b > MAX_REPO_BYTES) {
-            return Err(DaemonError::Invalid(format!(
-                "the repo tarball is over the {MAX_REPO_BYTES}-byte limit"
-            )));
+            return Err(DaemonError::Invalid(format!("the repo tarball is over the {MAX_REPO_BYTES}-byte limit")));
         }
         Ok(())
     }
@@ -139,11 +119,8 @@ impl Daemon {
             req.timeout_ms
         };
         let job_dir = self.config.job_dir(&job_id);
-        std::fs::create_dir_all(&job_dir)
-            .map_err(io_err(format!("creating {}", job_dir.display())))?;
-        let log = Arc::new(
-            JobLog::create(&job_dir.join("output.log")).map_err(io_err("creating the job log"))?,
-        );
+        std::fs::create_dir_all(&job_dir).map_err(io_err(format!("creating {}", job_dir.display())))?;
+        let log = Arc::new(JobLog::create(&job_dir.join("output.log")).map_err(io_err("creating the job log"))?);
         self.store.create_job(&NewJob {
             job_id: &job_id,
             sandbox_id: &sandbox_id,
@@ -152,10 +129,7 @@ impl Daemon {
             repo: req.repo_label.as_deref(),
             timeout_ms,
         })?;
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(job_id.clone(), log.clone());
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.clone(), log.clone());
         let job = QueuedJob {
             job_id: job_id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -170,17 +144,10 @@ impl Daemon {
 
     /// The live log of a running job, if it is still running.
     pub fn live_log(&self, job_id: &str) -> Option<Arc<JobLog>> {
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(job_id)
-            .cloned()
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).get(job_id).cloned()
     }
 
     pub(crate) fn job_done(&self, job_id: &str) {
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(job_id);
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(job_id);
     }
 }

@@ -5,9 +5,7 @@ pub fn new_id(prefix: &str) -> String {
     // getrandom only fails if the OS has no entropy source at all; fall back to time+pid
     // so ids stay unique within this daemon.
     if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let mix = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
         bytes.copy_from_slice(&mix.to_le_bytes()[..6]);
     }

@@ -30,11 +30,7 @@ pub struct JobLog {
 
 impl JobLog {
     pub fn create(path: &Path) -> io::Result<JobLog> {
-        let file = File::options()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(path)?;
+        let file = File::options().create(true).truncate(true).write(true).open(path)?;
         Ok(JobLog {
             path: path.to_owned(),
             file: Mutex::new(file),
@@ -47,8 +43,7 @@ impl JobLog {
     }
 
     pub fn append(&self, stream: OutputStream, data: &[u8]) -> io::Result<()> {
-        let len =
-            u32::try_from(data.len()).map_err(|_| io::Error::other("output record too large"))?;
+        let len = u32::try_from(data.len()).map_err(|_| io::Error::other("output record too large"))?;
         let mut record = Vec::with_capacity(RECORD_HEADER + data.len());
         record.push(stream_byte(stream));
         record.extend_from_slice(&len.to_be_bytes());
@@ -104,18 +99,12 @@ impl LogReader {
             1 => OutputStream::Stdout,
             2 => OutputStream::Stderr,
             other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad stream tag {other} in log"),
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad stream tag {other} in log")));
             }
         };
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         if len > MAX_FRAME_LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("log record of {len} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("log record of {len} bytes")));
         }
         if self.offset + (RECORD_HEADER + len) as u64 > limit {
             self.file.seek(SeekFrom::Start(self.offset))?;
@@ -145,32 +134,17 @@ mod tests {
         assert_eq!(len, 3 * 5 + 7);
 
         let mut reader = LogReader::open(&path, 0).unwrap();
-        assert_eq!(
-            reader.next_record(len).unwrap(),
-            Some((OutputStream::Stdout, b"one\n".to_vec()))
-        );
+        assert_eq!(reader.next_record(len).unwrap(), Some((OutputStream::Stdout, b"one\n".to_vec())));
         let resume_at = reader.offset();
-        assert_eq!(
-            reader.next_record(len).unwrap(),
-            Some((OutputStream::Stderr, vec![]))
-        );
-        assert_eq!(
-            reader.next_record(len).unwrap(),
-            Some((OutputStream::Stderr, b"two".to_vec()))
-        );
+        assert_eq!(reader.next_record(len).unwrap(), Some((OutputStream::Stderr, vec![])));
+        assert_eq!(reader.next_record(len).unwrap(), Some((OutputStream::Stderr, b"two".to_vec())));
         assert_eq!(reader.next_record(len).unwrap(), None);
 
         let mut resumed = LogReader::open(&path, resume_at).unwrap();
-        assert_eq!(
-            resumed.next_record(len).unwrap(),
-            Some((OutputStream::Stderr, vec![]))
-        );
+        assert_eq!(resumed.next_record(len).unwrap(), Some((OutputStream::Stderr, vec![])));
         // A limit in the middle of a record yields nothing and keeps the position.
         assert_eq!(resumed.next_record(len - 1).unwrap(), None);
-        assert_eq!(
-            resumed.next_record(len).unwrap(),
-            Some((OutputStream::Stderr, b"two".to_vec()))
-        );
+        assert_eq!(resumed.next_record(len).unwrap(), Some((OutputStream::Stderr, b"two".to_vec())));
         log.close();
         assert!(rx.borrow().closed);
     }

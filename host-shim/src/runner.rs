@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab_protocol::transport::hybrid;
-use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk,
-};
+use agentlab_protocol::{AGENT_VSOCK_PORT, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
 use tokio::net::UnixStream;
 
 use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
@@ -43,10 +41,7 @@ impl Finish {
         Finish {
             job: JobState::Failed,
             sandbox,
-            end: JobEnd {
-                error: Some(message.clone()),
-                ..JobEnd::default()
-            },
+            end: JobEnd { error: Some(message.clone()), ..JobEnd::default() },
             message,
         }
     }
@@ -55,12 +50,7 @@ impl Finish {
 pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
     let finish = drive(&daemon, &job).await;
     let store = &daemon.store;
-    if let Err(e) = store.transition_job(
-        &job.job_id,
-        finish.job,
-        Some(&finish.end),
-        Some(&finish.message),
-    ) {
+    if let Err(e) = store.transition_job(&job.job_id, finish.job, Some(&finish.end), Some(&finish.message)) {
         tracing::error!(job = %job.job_id, "recording the job's end: {e}");
     }
     job.log.close();
@@ -85,13 +75,7 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     let provisioned = async {
         daemon.backend.preflight().await?;
         let console_log = daemon.config.job_dir(&job.job_id).join("console.log");
-        daemon
-            .backend
-            .provision(&ProvisionRequest {
-                sandbox_id: sb.to_owned(),
-                console_log,
-            })
-            .await
+        daemon.backend.provision(&ProvisionRequest { sandbox_id: sb.to_owned(), console_log }).await
     };
     let mut vm = match provisioned.await {
         Ok(vm) => vm,
@@ -127,9 +111,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
         ChannelEndpoint::Vsock { cid } => {
             return Finish::failed(
                 SandboxState::Failed,
-                format!(
-                    "sandbox {sb} wants AF_VSOCK CID {cid}, which this agentlabd build does not listen on yet"
-                ),
+                format!("sandbox {sb} wants AF_VSOCK CID {cid}, which this agentlabd build does not listen on yet"),
             );
         }
     };
@@ -137,20 +119,14 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     let listener = match hybrid::listen(&uds, AGENT_VSOCK_PORT) {
         Ok(l) => l,
         Err(e) => {
-            return Finish::failed(
-                SandboxState::Failed,
-                format!("cannot listen for sandbox {sb}'s agent: {e}"),
-            );
+            return Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}"));
         }
     };
     if let Err(e) = store.transition_sandbox(sb, SandboxState::Booting, None) {
         tracing::error!("{e}");
     }
     if let Err(e) = vm.boot().await {
-        return Finish::failed(
-            SandboxState::Failed,
-            format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()),
-        );
+        return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
 
     let boot_timeout = daemon.config.boot_timeout;
@@ -192,14 +168,8 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     };
     // The agent enforces the job's timeout; the host only steps in if the guest
     // fails to report well after it.
-    let watchdog = Duration::from_millis(job.timeout_ms)
-        + daemon.config.kill_grace
-        + daemon.config.report_slack;
-    let mut observer = Observer {
-        daemon,
-        job,
-        output_bytes: 0,
-    };
+    let watchdog = Duration::from_millis(job.timeout_ms) + daemon.config.kill_grace + daemon.config.report_slack;
+    let mut observer = Observer { daemon, job, output_bytes: 0 };
     let mut session = HostSession::new(stream);
     enum Ended {
         Reported(JobResult),
@@ -224,21 +194,13 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
         Ended::Broken(reason) => (reason, false),
         Ended::Silent(reason) => (reason, true),
     };
-    let _ = store.record_event(
-        Some(&job.job_id),
-        Some(sb),
-        "sandbox.diagnostics",
-        &vm.diagnostics(),
-    );
+    let _ = store.record_event(Some(&job.job_id), Some(sb), "sandbox.diagnostics", &vm.diagnostics());
     let mut finish = Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason}"));
     finish.end.output_bytes = output_bytes;
     if timed_out {
         finish.sandbox = SandboxState::Timeout;
         // Only a job that started can time out; one that never did simply failed.
-        if store
-            .job(&job.job_id)
-            .is_ok_and(|j| j.state == JobState::Running)
-        {
+        if store.job(&job.job_id).is_ok_and(|j| j.state == JobState::Running) {
             finish.job = JobState::Timeout;
         }
     }
@@ -246,73 +208,41 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
 }
 
 fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
-    let mut end = JobEnd {
-        duration_ms: Some(result.duration_ms),
-        output_bytes,
-        ..JobEnd::default()
-    };
+    let mut end = JobEnd { duration_ms: Some(result.duration_ms), output_bytes, ..JobEnd::default() };
     let (job, sandbox, message) = match &result.outcome {
         JobOutcome::Exited { code: 0 } => {
             end.exit_code = Some(0);
-            (
-                JobState::Completed,
-                SandboxState::Completed,
-                "exited with code 0".to_owned(),
-            )
+            (JobState::Completed, SandboxState::Completed, "exited with code 0".to_owned())
         }
         JobOutcome::Exited { code } => {
             end.exit_code = Some(*code);
-            (
-                JobState::Failed,
-                SandboxState::Completed,
-                format!("exited with code {code}"),
-            )
+            (JobState::Failed, SandboxState::Completed, format!("exited with code {code}"))
         }
         JobOutcome::Signaled { signal } => {
             end.signal = Some(*signal);
-            (
-                JobState::Failed,
-                SandboxState::Completed,
-                format!("killed by signal {signal} ({})", signal_name(*signal)),
-            )
+            (JobState::Failed, SandboxState::Completed, format!("killed by signal {signal} ({})", signal_name(*signal)))
         }
         JobOutcome::TimedOut { signal } => {
             end.signal = Some(*signal);
-            let msg = format!(
-                "timed out after {} ms; stopped with {}",
-                result.duration_ms,
-                signal_name(*signal)
-            );
+            let msg = format!("timed out after {} ms; stopped with {}", result.duration_ms, signal_name(*signal));
             (JobState::Timeout, SandboxState::Timeout, msg)
         }
         JobOutcome::Cancelled { signal } => {
             end.signal = Some(*signal);
-            (
-                JobState::Failed,
-                SandboxState::Completed,
-                format!("cancelled; stopped with {}", signal_name(*signal)),
-            )
+            (JobState::Failed, SandboxState::Completed, format!("cancelled; stopped with {}", signal_name(*signal)))
         }
-        JobOutcome::SpawnFailed { reason } => (
-            JobState::Failed,
-            SandboxState::Failed,
-            format!("the job could not start in the guest: {reason}"),
-        ),
+        JobOutcome::SpawnFailed { reason } => {
+            (JobState::Failed, SandboxState::Failed, format!("the job could not start in the guest: {reason}"))
+        }
     };
     if job != JobState::Completed {
         end.error = Some(message.clone());
     }
-    Finish {
-        job,
-        sandbox,
-        end,
-        message,
-    }
+    Finish { job, sandbox, end, message }
 }
 
 fn signal_name(signal: i32) -> String {
-    nix::sys::signal::Signal::try_from(signal)
-        .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
+    nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
 }
 
 struct Observer<'a> {
@@ -327,13 +257,8 @@ impl SessionObserver for Observer<'_> {
         let kernel = sanitize_guest_text(&hello.kernel_release);
         let agent = sanitize_guest_text(&hello.agent_version);
         let _ = store.set_guest_info(&self.job.job_id, &kernel, &agent);
-        let msg = format!(
-            "agent {agent} on kernel {kernel}, protocol v{}",
-            ack.version
-        );
-        if let Err(e) =
-            store.transition_sandbox(&self.job.sandbox_id, SandboxState::Ready, Some(&msg))
-        {
+        let msg = format!("agent {agent} on kernel {kernel}, protocol v{}", ack.version);
+        if let Err(e) = store.transition_sandbox(&self.job.sandbox_id, SandboxState::Ready, Some(&msg)) {
             tracing::error!("{e}");
         }
     }
@@ -341,12 +266,10 @@ impl SessionObserver for Observer<'_> {
     fn job_started(&mut self, pid: u32) {
         let store = &self.daemon.store;
         let msg = format!("guest pid {pid}");
-        if let Err(e) = store.transition_sandbox(&self.job.sandbox_id, SandboxState::Running, None)
-        {
+        if let Err(e) = store.transition_sandbox(&self.job.sandbox_id, SandboxState::Running, None) {
             tracing::error!("{e}");
         }
-        if let Err(e) = store.transition_job(&self.job.job_id, JobState::Running, None, Some(&msg))
-        {
+        if let Err(e) = store.transition_job(&self.job.job_id, JobState::Running, None, Some(&msg)) {
             tracing::error!("{e}");
         }
     }

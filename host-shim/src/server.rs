@@ -23,10 +23,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!(
-                    "another agentlabd is already serving {}; stop it or use another --socket",
-                    path.display()
-                ),
+                format!("another agentlabd is already serving {}; stop it or use another --socket", path.display()),
             ));
         }
         std::fs::remove_file(path)?;
@@ -52,10 +49,7 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
-async fn handle(
-    daemon: Arc<Daemon>,
-    stream: UnixStream,
-) -> Result<(), agentlab_protocol::ProtocolError> {
+async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_protocol::ProtocolError> {
     let mut conn = ServerConnection::new(stream);
     while let Some(request) = conn.recv().await? {
         let reply = match request {
@@ -81,9 +75,7 @@ async fn handle(
 }
 
 fn error(e: impl ToString) -> ApiResponse {
-    ApiResponse::Error {
-        message: e.to_string(),
-    }
+    ApiResponse::Error { message: e.to_string() }
 }
 
 async fn submit(
@@ -118,39 +110,25 @@ async fn submit(
     })
 }
 
-async fn receive_upload(
-    conn: &mut ServerConnection<UnixStream>,
-    path: &Path,
-    total: u64,
-) -> Result<(), String> {
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| format!("storing the repo upload: {e}"))?;
+async fn receive_upload(conn: &mut ServerConnection<UnixStream>, path: &Path, total: u64) -> Result<(), String> {
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| format!("storing the repo upload: {e}"))?;
     let mut received = 0u64;
     while received < total {
         match conn.recv().await {
             Ok(Some(ApiRequest::UploadChunk { data })) => {
                 received += data.len() as u64;
                 if received > total {
-                    return Err(format!(
-                        "the repo upload sent more than the announced {total} bytes"
-                    ));
+                    return Err(format!("the repo upload sent more than the announced {total} bytes"));
                 }
-                file.write_all(&data)
-                    .await
-                    .map_err(|e| format!("storing the repo upload: {e}"))?;
+                file.write_all(&data).await.map_err(|e| format!("storing the repo upload: {e}"))?;
             }
             Ok(Some(_)) => return Err("the repo upload was interrupted by another request".into()),
             Ok(None) | Err(_) => {
-                return Err(format!(
-                    "the client went away after {received} of {total} upload bytes"
-                ));
+                return Err(format!("the client went away after {received} of {total} upload bytes"));
             }
         }
     }
-    file.sync_all()
-        .await
-        .map_err(|e| format!("storing the repo upload: {e}"))?;
+    file.sync_all().await.map_err(|e| format!("storing the repo upload: {e}"))?;
     Ok(())
 }
 
@@ -174,17 +152,12 @@ async fn follow(
     loop {
         let now = match progress.as_mut() {
             Some(rx) => *rx.borrow_and_update(),
-            None => LogProgress {
-                len: std::fs::metadata(&path).map_or(0, |m| m.len()),
-                closed: true,
-            },
+            None => LogProgress { len: std::fs::metadata(&path).map_or(0, |m| m.len()), closed: true },
         };
         if let Some(reader) = reader.as_mut() {
             loop {
                 match reader.next_record(now.len) {
-                    Ok(Some((stream, data))) => {
-                        conn.send(ApiResponse::Output { stream, data }).await?
-                    }
+                    Ok(Some((stream, data))) => conn.send(ApiResponse::Output { stream, data }).await?,
                     Ok(None) => break,
                     Err(e) => return Ok(error(format!("reading {}: {e}", path.display()))),
                 }

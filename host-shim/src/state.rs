@@ -82,17 +82,11 @@ impl SandboxState {
 impl JobState {
     pub fn can_become(self, to: JobState) -> bool {
         use JobState::*;
-        matches!(
-            (self, to),
-            (Queued, Running | Failed | Timeout) | (Running, Completed | Failed | Timeout)
-        )
+        matches!((self, to), (Queued, Running | Failed | Timeout) | (Running, Completed | Failed | Timeout))
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Completed | JobState::Failed | JobState::Timeout
-        )
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Timeout)
     }
 }
 
@@ -126,16 +120,7 @@ mod tests {
     #[test]
     fn the_happy_path_is_allowed_and_skipping_is_not() {
         use SandboxState::*;
-        let path = [
-            Requested,
-            Provisioning,
-            Booting,
-            Ready,
-            Running,
-            Completed,
-            Stopped,
-            Destroyed,
-        ];
+        let path = [Requested, Provisioning, Booting, Ready, Running, Completed, Stopped, Destroyed];
         for pair in path.windows(2) {
             assert!(pair[0].can_become(pair[1]), "{} -> {}", pair[0], pair[1]);
         }

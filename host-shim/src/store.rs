@@ -60,25 +60,13 @@ pub enum StoreError {
     /// state database: {0}
     Sqlite(#[from] rusqlite::Error),
     /// cannot open the state database {path}: {source}
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     /// the state database {path} has schema version {found}, newer than this agentlabd ({supported}); upgrade agentlabd
-    SchemaTooNew {
-        path: String,
-        found: i64,
-        supported: i64,
-    },
+    SchemaTooNew { path: String, found: i64, supported: i64 },
     /// no {kind} with id {id}
     NotFound { kind: &'static str, id: String },
     /// illegal {kind} transition for {id}: {from} -> {to}
-    IllegalTransition {
-        kind: &'static str,
-        id: String,
-        from: String,
-        to: String,
-    },
+    IllegalTransition { kind: &'static str, id: String, from: String, to: String },
     /// corrupt state database: {0}
     Corrupt(String),
 }
@@ -108,29 +96,18 @@ pub struct Store {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        };
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open_err)?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 path: path.display().to_string(),
@@ -139,28 +116,18 @@ impl Store {
             });
         }
         if version == 0 {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(open_err)?;
+            conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+                .map_err(open_err)?;
         }
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut conn)
     }
 
-    fn in_tx<T>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn in_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let out = f(&tx)?;
@@ -207,7 +174,8 @@ impl Store {
                 .query_row("SELECT state, job_id FROM sandboxes WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound { kind: "sandbox", id: id.to_owned() })?;
-            let from_state = SandboxState::parse(&from).ok_or_else(|| StoreError::Corrupt(format!("sandbox {id} state {from}")))?;
+            let from_state =
+                SandboxState::parse(&from).ok_or_else(|| StoreError::Corrupt(format!("sandbox {id} state {from}")))?;
             if !from_state.can_become(to) {
                 return Err(StoreError::IllegalTransition {
                     kind: "sandbox",
@@ -268,12 +236,7 @@ impl Store {
     }
 
     /// What the guest said about itself in its Hello (untrusted, stored for display).
-    pub fn set_guest_info(
-        &self,
-        job_id: &str,
-        kernel: &str,
-        agent_version: &str,
-    ) -> Result<(), StoreError> {
+    pub fn set_guest_info(&self, job_id: &str, kernel: &str, agent_version: &str) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET guest_kernel = ?2, agent_version = ?3 WHERE id = ?1",
@@ -285,10 +248,7 @@ impl Store {
 
     pub fn set_sandbox_accel(&self, sandbox_id: &str, accel: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "UPDATE sandboxes SET accel = ?2 WHERE id = ?1",
-                params![sandbox_id, accel],
-            )?;
+            c.execute("UPDATE sandboxes SET accel = ?2 WHERE id = ?1", params![sandbox_id, accel])?;
             Ok(())
         })
     }
@@ -321,9 +281,8 @@ impl Store {
     /// Newest first.
     pub fn jobs(&self, limit: usize) -> Result<Vec<JobView>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?1"
-            ))?;
+            let mut stmt =
+                c.prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?1"))?;
             let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], job_from_row)?;
             let mut out = Vec::new();
             for row in rows {
@@ -467,9 +426,7 @@ mod tests {
     fn database_is_wal_and_reopens() {
         let (dir, store) = store();
         new_job(&store, 1);
-        let mode: String = store
-            .with(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?))
-            .unwrap();
+        let mode: String = store.with(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?)).unwrap();
         assert_eq!(mode, "wal");
         drop(store);
         let again = Store::open(&dir.path().join("agentlab.db")).unwrap();
@@ -480,37 +437,17 @@ mod tests {
     fn every_transition_writes_an_event_in_order() {
         let (_dir, store) = store();
         let (job, sb) = new_job(&store, 1);
-        for to in [
-            SandboxState::Provisioning,
-            SandboxState::Booting,
-            SandboxState::Ready,
-            SandboxState::Running,
-        ] {
+        for to in [SandboxState::Provisioning, SandboxState::Booting, SandboxState::Ready, SandboxState::Running] {
             store.transition_sandbox(&sb, to, None).unwrap();
         }
-        store
-            .transition_job(&job, JobState::Running, None, None)
-            .unwrap();
-        let end = JobEnd {
-            exit_code: Some(3),
-            duration_ms: Some(12),
-            output_bytes: 4,
-            ..JobEnd::default()
-        };
-        store
-            .transition_job(&job, JobState::Failed, Some(&end), Some("exit code 3"))
-            .unwrap();
+        store.transition_job(&job, JobState::Running, None, None).unwrap();
+        let end = JobEnd { exit_code: Some(3), duration_ms: Some(12), output_bytes: 4, ..JobEnd::default() };
+        store.transition_job(&job, JobState::Failed, Some(&end), Some("exit code 3")).unwrap();
         let view = store.job(&job).unwrap();
         assert_eq!(view.state, JobState::Failed);
-        assert_eq!(
-            (view.exit_code, view.duration_ms, view.output_bytes),
-            (Some(3), Some(12), 4)
-        );
-        let trail: Vec<_> = view
-            .events
-            .iter()
-            .map(|e| format!("{}:{}", e.kind, e.to_state.clone().unwrap_or_default()))
-            .collect();
+        assert_eq!((view.exit_code, view.duration_ms, view.output_bytes), (Some(3), Some(12), 4));
+        let trail: Vec<_> =
+            view.events.iter().map(|e| format!("{}:{}", e.kind, e.to_state.clone().unwrap_or_default())).collect();
         assert_eq!(
             trail,
             [
@@ -524,35 +461,20 @@ mod tests {
                 "job.state:FAILED"
             ]
         );
-        assert_eq!(
-            view.events.last().unwrap().message.as_deref(),
-            Some("exit code 3")
-        );
+        assert_eq!(view.events.last().unwrap().message.as_deref(), Some("exit code 3"));
     }
 
     #[test]
     fn illegal_transitions_name_both_states_and_change_nothing() {
         let (_dir, store) = store();
         let (job, sb) = new_job(&store, 1);
-        let err = store
-            .transition_sandbox(&sb, SandboxState::Running, None)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "illegal sandbox transition for sb-1: REQUESTED -> RUNNING"
-        );
-        let err = store
-            .transition_job(&job, JobState::Completed, None, None)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "illegal job transition for job-1: QUEUED -> COMPLETED"
-        );
+        let err = store.transition_sandbox(&sb, SandboxState::Running, None).unwrap_err();
+        assert_eq!(err.to_string(), "illegal sandbox transition for sb-1: REQUESTED -> RUNNING");
+        let err = store.transition_job(&job, JobState::Completed, None, None).unwrap_err();
+        assert_eq!(err.to_string(), "illegal job transition for job-1: QUEUED -> COMPLETED");
         assert_eq!(store.job(&job).unwrap().events.len(), 2);
         assert_eq!(store.sandboxes().unwrap()[0].state, SandboxState::Requested);
-        let err = store
-            .transition_job("job-404", JobState::Running, None, None)
-            .unwrap_err();
+        let err = store.transition_job("job-404", JobState::Running, None, None).unwrap_err();
         assert_eq!(err.to_string(), "no job with id job-404");
     }
 
@@ -560,18 +482,10 @@ mod tests {
     fn failure_message_is_kept_on_the_sandbox() {
         let (_dir, store) = store();
         let (_job, sb) = new_job(&store, 1);
-        store
-            .transition_sandbox(&sb, SandboxState::Failed, Some("qemu missing"))
-            .unwrap();
-        assert_eq!(
-            store.sandboxes().unwrap()[0].error.as_deref(),
-            Some("qemu missing")
-        );
+        store.transition_sandbox(&sb, SandboxState::Failed, Some("qemu missing")).unwrap();
+        assert_eq!(store.sandboxes().unwrap()[0].error.as_deref(), Some("qemu missing"));
         let (jobs, sandboxes) = store.unfinished().unwrap();
-        assert_eq!(
-            (jobs, sandboxes),
-            (vec!["job-1".to_owned()], vec!["sb-1".to_owned()])
-        );
+        assert_eq!((jobs, sandboxes), (vec!["job-1".to_owned()], vec!["sb-1".to_owned()]));
     }
 
     #[test]

@@ -18,13 +18,7 @@ pub enum ProtocolError {
     /// connection closed by the peer while waiting for {waiting_for}
     Closed { waiting_for: &'static str },
     /// protocol version mismatch: this side speaks {local_min}..={local_max}, the peer {peer_min}..={peer_max}; {fix}
-    VersionMismatch {
-        local_min: u16,
-        local_max: u16,
-        peer_min: u16,
-        peer_max: u16,
-        fix: &'static str,
-    },
+    VersionMismatch { local_min: u16, local_max: u16, peer_min: u16, peer_max: u16, fix: &'static str },
     /// the host rejected the handshake: {reason}
     Rejected { reason: String },
     /// unexpected message: waiting for {expected}, got {got}
@@ -38,10 +32,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// Wraps an I/O error with what was being done when it happened.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
+        Self::Io { context: context.into(), source }
     }
 }
 

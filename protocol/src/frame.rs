@@ -17,10 +17,7 @@ const HEADER_LEN: usize = 4;
 pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
     let payload = postcard::to_stdvec(msg).map_err(ProtocolError::Encode)?;
     if payload.len() > MAX_FRAME_LEN {
-        return Err(ProtocolError::OutgoingTooLarge {
-            len: payload.len(),
-            max: MAX_FRAME_LEN,
-        });
+        return Err(ProtocolError::OutgoingTooLarge { len: payload.len(), max: MAX_FRAME_LEN });
     }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     // The length fits: it was just checked against MAX_FRAME_LEN, far below u32::MAX.
@@ -35,10 +32,7 @@ pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Protocol
         return Err(ProtocolError::EmptyFrame);
     }
     let (msg, rest) =
-        postcard::take_from_bytes(payload).map_err(|source| ProtocolError::Decode {
-            len: payload.len(),
-            source,
-        })?;
+        postcard::take_from_bytes(payload).map_err(|source| ProtocolError::Decode { len: payload.len(), source })?;
     if !rest.is_empty() {
         return Err(ProtocolError::TrailingBytes { extra: rest.len() });
     }
@@ -53,9 +47,7 @@ pub struct FrameCodec<In, Out> {
 
 impl<In, Out> Default for FrameCodec<In, Out> {
     fn default() -> Self {
-        Self {
-            _types: PhantomData,
-        }
+        Self { _types: PhantomData }
     }
 }
 
@@ -70,10 +62,7 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
         // Checked before buffering the payload: nothing is reserved for an oversized frame.
         if len > MAX_FRAME_LEN {
-            return Err(ProtocolError::FrameTooLarge {
-                len,
-                max: MAX_FRAME_LEN,
-            });
+            return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_LEN });
         }
         if src.len() < HEADER_LEN + len {
             src.reserve(HEADER_LEN + len - src.len());
@@ -113,9 +102,7 @@ where
     Out: Serialize,
 {
     pub fn new(stream: S) -> Self {
-        Self {
-            framed: Framed::new(stream, FrameCodec::default()),
-        }
+        Self { framed: Framed::new(stream, FrameCodec::default()) }
     }
 
     /// Sends one message and flushes it.
@@ -139,9 +126,7 @@ where
 
     /// The next message; end of stream is an error naming what was awaited.
     pub async fn recv_required(&mut self, waiting_for: &'static str) -> Result<In, ProtocolError> {
-        self.recv()
-            .await?
-            .ok_or(ProtocolError::Closed { waiting_for })
+        self.recv().await?.ok_or(ProtocolError::Closed { waiting_for })
     }
 
     pub fn get_ref(&self) -> &S {

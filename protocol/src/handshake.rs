@@ -4,16 +4,12 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    Capabilities, GuestConnection, GuestMessage, Hello, HelloAck, HostConnection, HostMessage,
-    MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError,
+    Capabilities, GuestConnection, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, MIN_PROTOCOL_VERSION,
+    MessageKind, PROTOCOL_VERSION, ProtocolError,
 };
 
 /// Picks the version two ranges share, preferring the newest one both speak.
-pub fn negotiate_version(
-    local: (u16, u16),
-    peer: (u16, u16),
-    fix: &'static str,
-) -> Result<u16, ProtocolError> {
+pub fn negotiate_version(local: (u16, u16), peer: (u16, u16), fix: &'static str) -> Result<u16, ProtocolError> {
     let chosen = local.1.min(peer.1);
     if chosen < local.0 || chosen < peer.0 || peer.0 > peer.1 {
         return Err(ProtocolError::VersionMismatch {
@@ -36,18 +32,11 @@ pub async fn host_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let hello = match conn.recv_required("the agent's Hello").await? {
         GuestMessage::Hello(hello) => hello,
         other => {
-            return Err(ProtocolError::Unexpected {
-                expected: "Hello",
-                got: other.kind().to_owned(),
-            });
+            return Err(ProtocolError::Unexpected { expected: "Hello", got: other.kind().to_owned() });
         }
     };
     let fix = "rebuild the guest image with a matching agent (make image) or upgrade agentlabd";
-    match negotiate_version(
-        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
-        (hello.min_version, hello.max_version),
-        fix,
-    ) {
+    match negotiate_version((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (hello.min_version, hello.max_version), fix) {
         Ok(version) => {
             let ack = HelloAck {
                 version,
@@ -91,16 +80,9 @@ pub async fn guest_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(ack)
         }
-        HostMessage::HelloReject {
-            reason,
-            min_version,
-            max_version,
-        } => Err(ProtocolError::Rejected {
-            reason: format!("{reason} (host speaks {min_version}..={max_version})"),
-        }),
-        other => Err(ProtocolError::Unexpected {
-            expected: "HelloAck",
-            got: other.kind().to_owned(),
-        }),
+        HostMessage::HelloReject { reason, min_version, max_version } => {
+            Err(ProtocolError::Rejected { reason: format!("{reason} (host speaks {min_version}..={max_version})") })
+        }
+        other => Err(ProtocolError::Unexpected { expected: "HelloAck", got: other.kind().to_owned() }),
     }
 }

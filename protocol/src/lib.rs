@@ -17,9 +17,7 @@ mod messages;
 pub mod transport;
 
 pub use error::ProtocolError;
-pub use frame::{
-    Connection, FrameCodec, GuestConnection, HostConnection, decode_message, encode_message,
-};
+pub use frame::{Connection, FrameCodec, GuestConnection, HostConnection, decode_message, encode_message};
 pub use handshake::{guest_handshake, host_handshake, negotiate_version};
 pub use messages::*;
 

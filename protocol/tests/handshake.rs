@@ -36,11 +36,8 @@ async fn matching_versions_agree() {
 #[tokio::test]
 async fn newer_agent_falls_back_to_the_hosts_version() {
     let (host_io, guest_io) = tokio::io::duplex(4096);
-    let host =
-        tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
-    let ack = guest_handshake(&mut GuestConnection::new(guest_io), hello(1, 9))
-        .await
-        .unwrap();
+    let host = tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
+    let ack = guest_handshake(&mut GuestConnection::new(guest_io), hello(1, 9)).await.unwrap();
     assert_eq!(ack.version, PROTOCOL_VERSION);
     host.await.unwrap().unwrap();
 }
@@ -48,37 +45,23 @@ async fn newer_agent_falls_back_to_the_hosts_version() {
 #[tokio::test]
 async fn version_mismatch_is_a_clear_error_on_both_sides() {
     let (host_io, guest_io) = tokio::io::duplex(4096);
-    let host =
-        tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
-    let guest_err = guest_handshake(&mut GuestConnection::new(guest_io), hello(7, 9))
-        .await
-        .unwrap_err();
+    let host = tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
+    let guest_err = guest_handshake(&mut GuestConnection::new(guest_io), hello(7, 9)).await.unwrap_err();
     let host_err = host.await.unwrap().unwrap_err();
     assert_eq!(
         host_err.to_string(),
         "protocol version mismatch: this side speaks 1..=1, the peer 7..=9; rebuild the guest image with a matching agent (make image) or upgrade agentlabd"
     );
-    assert_eq!(
-        guest_err.to_string(),
-        format!("the host rejected the handshake: {host_err} (host speaks 1..=1)")
-    );
+    assert_eq!(guest_err.to_string(), format!("the host rejected the handshake: {host_err} (host speaks 1..=1)"));
 }
 
 #[tokio::test]
 async fn a_host_that_hangs_up_is_reported_with_what_was_awaited() {
     let (host_io, guest_io) = tokio::io::duplex(4096);
     drop(host_io);
-    let err = guest_handshake(&mut GuestConnection::new(guest_io), hello(1, 1))
-        .await
-        .unwrap_err();
+    let err = guest_handshake(&mut GuestConnection::new(guest_io), hello(1, 1)).await.unwrap_err();
     assert!(
-        matches!(
-            err,
-            ProtocolError::Io { .. }
-                | ProtocolError::Closed {
-                    waiting_for: "the host's HelloAck"
-                }
-        ),
+        matches!(err, ProtocolError::Io { .. } | ProtocolError::Closed { waiting_for: "the host's HelloAck" }),
         "{err}"
     );
 }
@@ -86,34 +69,22 @@ async fn a_host_that_hangs_up_is_reported_with_what_was_awaited() {
 #[tokio::test]
 async fn host_refuses_a_first_message_that_is_not_hello() {
     let (host_io, guest_io) = tokio::io::duplex(4096);
-    let host =
-        tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
+    let host = tokio::spawn(async move { host_handshake(&mut HostConnection::new(host_io), "sb").await });
     let mut guest = GuestConnection::new(guest_io);
-    guest
-        .send(GuestMessage::JobStarted { pid: 1 })
-        .await
-        .unwrap();
+    guest.send(GuestMessage::JobStarted { pid: 1 }).await.unwrap();
     let err = host.await.unwrap().unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "unexpected message: waiting for Hello, got JobStarted"
-    );
+    assert_eq!(err.to_string(), "unexpected message: waiting for Hello, got JobStarted");
 }
 
 #[tokio::test]
 async fn hybrid_listen_uses_the_port_suffixed_path_and_connect_speaks_connect() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
-    assert_eq!(
-        hybrid::guest_port_path(&uds, 52000),
-        dir.path().join("vsock.sock_52000")
-    );
+    assert_eq!(hybrid::guest_port_path(&uds, 52000), dir.path().join("vsock.sock_52000"));
 
     // A guest-initiated connection arrives on <uds>_<port>.
     let listener = hybrid::listen(&uds, 52000).unwrap();
-    let mut client = tokio::net::UnixStream::connect(dir.path().join("vsock.sock_52000"))
-        .await
-        .unwrap();
+    let mut client = tokio::net::UnixStream::connect(dir.path().join("vsock.sock_52000")).await.unwrap();
     let (mut server, _) = listener.accept().await.unwrap();
     client.write_all(b"ping").await.unwrap();
     let mut buf = [0; 4];
@@ -128,9 +99,7 @@ async fn hybrid_listen_uses_the_port_suffixed_path_and_connect_speaks_connect() 
         let mut line = vec![0; "CONNECT 1234\n".len()];
         s.read_exact(&mut line).await.unwrap();
         assert_eq!(line, b"CONNECT 1234\n");
-        s.write_all(b"OK 1073741824\nfirst-guest-bytes")
-            .await
-            .unwrap();
+        s.write_all(b"OK 1073741824\nfirst-guest-bytes").await.unwrap();
         s
     });
     let mut stream = hybrid::connect(&uds, 1234).await.unwrap();
@@ -145,13 +114,7 @@ async fn hybrid_connect_reports_a_refusal_and_a_missing_device() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
     let err = hybrid::connect(&uds, 5).await.unwrap_err();
-    assert!(
-        err.to_string().starts_with(&format!(
-            "connecting to hybrid vsock socket {}",
-            uds.display()
-        )),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with(&format!("connecting to hybrid vsock socket {}", uds.display())), "{err}");
 
     let device = tokio::net::UnixListener::bind(&uds).unwrap();
     tokio::spawn(async move {
@@ -161,11 +124,5 @@ async fn hybrid_connect_reports_a_refusal_and_a_missing_device() {
         s.write_all(b"NO\n").await.unwrap();
     });
     let err = hybrid::connect(&uds, 5).await.unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "hybrid vsock: CONNECT 5 refused on {}: \"NO\"",
-            uds.display()
-        )
-    );
+    assert_eq!(err.to_string(), format!("hybrid vsock: CONNECT 5 refused on {}: \"NO\"", uds.display()));
 }

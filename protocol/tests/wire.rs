@@ -22,11 +22,7 @@ fn all_guest_messages() -> Vec<GuestMessage> {
         GuestMessage::Hello(hello()),
         GuestMessage::WorkdirAck { seq: 7 },
         GuestMessage::JobStarted { pid: 42 },
-        GuestMessage::Output(OutputChunk {
-            seq: 3,
-            stream: OutputStream::Stderr,
-            data: b"x\0y\n".to_vec(),
-        }),
+        GuestMessage::Output(OutputChunk { seq: 3, stream: OutputStream::Stderr, data: b"x\0y\n".to_vec() }),
         GuestMessage::JobFinished(JobResult {
             outcome: JobOutcome::TimedOut { signal: 15 },
             duration_ms: 1500,
@@ -48,30 +44,18 @@ fn all_guest_messages() -> Vec<GuestMessage> {
             output_bytes: 0,
         }),
         GuestMessage::JobFinished(JobResult {
-            outcome: JobOutcome::SpawnFailed {
-                reason: "no such file".into(),
-            },
+            outcome: JobOutcome::SpawnFailed { reason: "no such file".into() },
             duration_ms: 0,
             output_bytes: 0,
         }),
-        GuestMessage::AgentError {
-            reason: "bad tar".into(),
-        },
+        GuestMessage::AgentError { reason: "bad tar".into() },
     ]
 }
 
 fn all_host_messages() -> Vec<HostMessage> {
     vec![
-        HostMessage::HelloAck(HelloAck {
-            version: 1,
-            capabilities: Capabilities(3),
-            sandbox_id: "sb-1".into(),
-        }),
-        HostMessage::HelloReject {
-            reason: "too old".into(),
-            min_version: 2,
-            max_version: 3,
-        },
+        HostMessage::HelloAck(HelloAck { version: 1, capabilities: Capabilities(3), sandbox_id: "sb-1".into() }),
+        HostMessage::HelloReject { reason: "too old".into(), min_version: 2, max_version: 3 },
         HostMessage::Job(JobSpec {
             job_id: "job-1".into(),
             program: "/bin/sh".into(),
@@ -82,10 +66,7 @@ fn all_host_messages() -> Vec<HostMessage> {
             kill_grace_ms: 2_000,
             workdir_upload_bytes: Some(10240),
         }),
-        HostMessage::WorkdirChunk {
-            seq: 0,
-            data: vec![1; 100],
-        },
+        HostMessage::WorkdirChunk { seq: 0, data: vec![1; 100] },
         HostMessage::OutputAck { seq: 9 },
         HostMessage::Cancel,
         HostMessage::Shutdown,
@@ -106,10 +87,7 @@ fn decode_all<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, Pr
 fn every_guest_message_round_trips() {
     for msg in all_guest_messages() {
         let frame = encode_message(&msg).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
-            frame.len() - 4
-        );
+        assert_eq!(u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
         assert_eq!(decode_all::<GuestMessage>(&frame).unwrap(), vec![msg]);
     }
 }
@@ -127,10 +105,7 @@ fn codec_encoder_writes_the_same_frame() {
     let mut codec = FrameCodec::<(), HostMessage>::default();
     let mut buf = BytesMut::new();
     codec.encode(HostMessage::Shutdown, &mut buf).unwrap();
-    assert_eq!(
-        &buf[..],
-        &encode_message(&HostMessage::Shutdown).unwrap()[..]
-    );
+    assert_eq!(&buf[..], &encode_message(&HostMessage::Shutdown).unwrap()[..]);
 }
 
 #[test]
@@ -141,10 +116,7 @@ fn truncated_frame_waits_for_more_and_never_yields_a_partial_message() {
         let mut buf = BytesMut::from(&frame[..cut]);
         assert!(codec.decode(&mut buf).unwrap().is_none(), "cut at {cut}");
         buf.extend_from_slice(&frame[cut..]);
-        assert_eq!(
-            codec.decode(&mut buf).unwrap(),
-            Some(all_guest_messages()[3].clone())
-        );
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(all_guest_messages()[3].clone()));
     }
 }
 
@@ -171,31 +143,18 @@ fn frame_at_exactly_the_limit_is_accepted_by_the_framing() {
     buf.extend_from_slice(&(MAX_FRAME_LEN as u32).to_be_bytes());
     buf.extend_from_slice(&vec![0xff; MAX_FRAME_LEN]);
     // Framing accepts it; the payload is garbage, which is a decode error, not a size error.
-    assert!(
-        matches!(codec.decode(&mut buf), Err(ProtocolError::Decode { len, .. }) if len == MAX_FRAME_LEN)
-    );
+    assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::Decode { len, .. }) if len == MAX_FRAME_LEN));
 }
 
 #[test]
 fn sending_an_oversized_message_is_refused() {
-    let msg = HostMessage::WorkdirChunk {
-        seq: 0,
-        data: vec![0; MAX_FRAME_LEN],
-    };
-    assert!(matches!(
-        encode_message(&msg),
-        Err(ProtocolError::OutgoingTooLarge { .. })
-    ));
+    let msg = HostMessage::WorkdirChunk { seq: 0, data: vec![0; MAX_FRAME_LEN] };
+    assert!(matches!(encode_message(&msg), Err(ProtocolError::OutgoingTooLarge { .. })));
 }
 
 #[test]
 fn garbage_frames_are_decode_errors() {
-    for payload in [
-        &[0xffu8, 0xff, 0xff][..],
-        &[
-            0x03, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
-        ],
-    ] {
+    for payload in [&[0xffu8, 0xff, 0xff][..], &[0x03, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]] {
         let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(payload);
         let err = decode_all::<GuestMessage>(&frame).unwrap_err();
@@ -205,10 +164,7 @@ fn garbage_frames_are_decode_errors() {
 
 #[test]
 fn empty_frame_is_an_error() {
-    assert!(matches!(
-        decode_all::<GuestMessage>(&[0, 0, 0, 0]),
-        Err(ProtocolError::EmptyFrame)
-    ));
+    assert!(matches!(decode_all::<GuestMessage>(&[0, 0, 0, 0]), Err(ProtocolError::EmptyFrame)));
 }
 
 #[test]
@@ -217,10 +173,7 @@ fn trailing_bytes_are_an_error() {
     payload.push(0);
     let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&payload);
-    assert!(matches!(
-        decode_all::<HostMessage>(&frame),
-        Err(ProtocolError::TrailingBytes { extra: 1 })
-    ));
+    assert!(matches!(decode_all::<HostMessage>(&frame), Err(ProtocolError::TrailingBytes { extra: 1 })));
 }
 
 #[test]
@@ -233,10 +186,7 @@ fn unknown_variants_are_rejected() {
         } else {
             decode_all::<HostMessage>(&frame).map(|_| ())
         };
-        assert!(
-            matches!(res, Err(ProtocolError::Decode { len: 1, .. })),
-            "index {index}"
-        );
+        assert!(matches!(res, Err(ProtocolError::Decode { len: 1, .. })), "index {index}");
     }
 }
 
@@ -245,15 +195,9 @@ fn version_negotiation_picks_the_lower_max() {
     assert_eq!(negotiate_version((1, 3), (2, 5), "fix").unwrap(), 3);
     assert_eq!(negotiate_version((1, 3), (1, 1), "fix").unwrap(), 1);
     let err = negotiate_version((2, 3), (1, 1), "upgrade it").unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "protocol version mismatch: this side speaks 2..=3, the peer 1..=1; upgrade it"
-    );
+    assert_eq!(err.to_string(), "protocol version mismatch: this side speaks 2..=3, the peer 1..=1; upgrade it");
     assert!(negotiate_version((1, 1), (2, 3), "fix").is_err());
-    assert!(
-        negotiate_version((1, 3), (3, 2), "fix").is_err(),
-        "an inverted range is refused"
-    );
+    assert!(negotiate_version((1, 3), (3, 2), "fix").is_err(), "an inverted range is refused");
 }
 
 proptest! {

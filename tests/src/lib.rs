@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 /// The workspace's top directory.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 /// A binary built by `cargo build --workspace` (which `make test` runs first).
@@ -19,11 +16,7 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap(); // target/debug/deps -> target/debug
     let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace` first (make test does)",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace` first (make test does)", path.display());
     path
 }
 
@@ -56,11 +49,7 @@ pub struct Daemon {
 /// Starts agentlabd on `state` and waits until it serves its socket.
 fn spawn_daemon(state: &Path, extra: &[&str]) -> Child {
     let socket = state.join("agentlabd.sock");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.join("agentlabd.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("agentlabd.log")).unwrap();
     let mut child = Command::new(bin("agentlabd"))
         .arg("--state-dir")
         .arg(state)
@@ -91,17 +80,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
-        let state = tempfile::Builder::new()
-            .prefix("agentlab-test-")
-            .tempdir()
-            .unwrap();
+        let state = tempfile::Builder::new().prefix("agentlab-test-").tempdir().unwrap();
         let socket = state.path().join("agentlabd.sock");
         let child = spawn_daemon(state.path(), extra);
-        Daemon {
-            state,
-            socket,
-            child,
-        }
+        Daemon { state, socket, child }
     }
 
     /// SIGKILLs the daemon (no clean-up of any kind) and starts a new one on the same state.
@@ -130,12 +112,7 @@ impl Daemon {
 
     /// Runs `agentlab ARGS` against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("agentlab"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(bin("agentlab")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
     }
 
     pub fn log(&self) -> String {
@@ -144,11 +121,7 @@ impl Daemon {
 
     pub fn job_json(&self, id: &str) -> serde_json::Value {
         let out = self.cli(&["--json", "job", "show", id]);
-        assert!(
-            out.status.success(),
-            "job show failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "job show failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -162,9 +135,7 @@ impl Daemon {
 }
 
 fn image_dir_or_missing() -> PathBuf {
-    std::env::var_os("AGENTLAB_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("build/image"))
+    std::env::var_os("AGENTLAB_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("build/image"))
 }
 
 impl Drop for Daemon {

@@ -8,9 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agentlab_host::channel::{HostSession, SessionError, SessionObserver};
-use agentlab_protocol::{
-    Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk, OutputStream,
-};
+use agentlab_protocol::{Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk, OutputStream};
 use agentlab_tests::bin;
 
 #[derive(Default)]
@@ -45,9 +43,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Harness { dir: tempfile::tempdir().unwrap() }
     }
 
     fn workdir(&self) -> PathBuf {
@@ -71,11 +67,7 @@ impl Harness {
         }
     }
 
-    async fn run(
-        &self,
-        spec: JobSpec,
-        upload: Option<&Path>,
-    ) -> (Result<JobResult, SessionError>, Collected) {
+    async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, Collected) {
         let sock = self.dir.path().join("agent.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock).unwrap();
@@ -89,19 +81,13 @@ impl Harness {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-            .await
-            .unwrap()
-            .unwrap();
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
         let mut session = HostSession::new(stream);
         let mut seen = Collected::default();
         let result = session.run("sb-test", spec, upload, &mut seen).await;
         session.shutdown().await;
         drop(session);
-        let status = tokio::time::timeout(Duration::from_secs(10), agent.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
         if result.is_ok() {
             assert!(status.success(), "agent exited with {status}");
         }
@@ -112,12 +98,7 @@ impl Harness {
 #[tokio::test]
 async fn stdout_stderr_env_and_exit_code_zero() {
     let h = Harness::new();
-    let (result, seen) = h
-        .run(
-            h.spec("echo out; echo err >&2; echo \"$GREETING\"; pwd"),
-            None,
-        )
-        .await;
+    let (result, seen) = h.run(h.spec("echo out; echo err >&2; echo \"$GREETING\"; pwd"), None).await;
     let result = result.unwrap();
     assert_eq!(result.outcome, JobOutcome::Exited { code: 0 });
     let expected = format!("out\nhello from env\n{}\n", h.workdir().display());
@@ -148,11 +129,7 @@ async fn timeout_sends_sigterm_then_sigkill_to_the_whole_group() {
     let (result, _) = h.run(spec, None).await;
     let result = result.unwrap();
     assert_eq!(result.outcome, JobOutcome::TimedOut { signal: 15 });
-    assert!(
-        (500..5000).contains(&result.duration_ms),
-        "{}",
-        result.duration_ms
-    );
+    assert!((500..5000).contains(&result.duration_ms), "{}", result.duration_ms);
 
     // A job that ignores SIGTERM (and whose child inherits that) is killed after the grace.
     let mut spec = h.spec("trap '' TERM; sleep 30; echo survived");
@@ -172,11 +149,7 @@ async fn background_children_do_not_hold_the_job_open() {
     let (result, seen) = h.run(h.spec("sleep 30 & echo done"), None).await;
     assert_eq!(result.unwrap().outcome, JobOutcome::Exited { code: 0 });
     assert_eq!(seen.stdout, b"done\n");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -218,10 +191,9 @@ async fn a_program_that_cannot_start_is_reported_as_such() {
     spec.args.clear();
     let (result, _) = h.run(spec, None).await;
     match result.unwrap().outcome {
-        JobOutcome::SpawnFailed { reason } => assert!(
-            reason.starts_with("cannot start \"/nonexistent/tool\": "),
-            "{reason}"
-        ),
+        JobOutcome::SpawnFailed { reason } => {
+            assert!(reason.starts_with("cannot start \"/nonexistent/tool\": "), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -229,11 +201,7 @@ async fn a_program_that_cannot_start_is_reported_as_such() {
 #[tokio::test]
 async fn status_reports_the_channel_and_the_running_job() {
     let h = Harness::new();
-    let cmd = format!(
-        "{} status --json --socket {}",
-        bin("agentlab-agent").display(),
-        h.status_socket().display()
-    );
+    let cmd = format!("{} status --json --socket {}", bin("agentlab-agent").display(), h.status_socket().display());
     let (result, seen) = h.run(h.spec(&cmd), None).await;
     assert_eq!(result.unwrap().outcome, JobOutcome::Exited { code: 0 });
     let status: serde_json::Value = serde_json::from_slice(&seen.stdout).unwrap();
@@ -244,8 +212,5 @@ async fn status_reports_the_channel_and_the_running_job() {
     assert_eq!(status["job"]["id"], "job-test");
     assert_eq!(status["job"]["phase"], "running");
     assert_eq!(status["job"]["pid"], seen.pid.unwrap());
-    assert_eq!(
-        status["landlock_abi"], 7,
-        "this build machine's kernel has Landlock ABI 7"
-    );
+    assert_eq!(status["landlock_abi"], 7, "this build machine's kernel has Landlock ABI 7");
 }

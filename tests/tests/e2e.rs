@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,11 +13,12 @@ use agentlab_protocol::{Capabilities, GuestMessage, Hello, encode_message};
 use agentlab_tests::{Daemon, describe, host_kernel, image_dir};
 use serde_json::Value;
 
+/// The image's kernel release, which the guest's `uname -r` prints. It is checked to
+/// differ from the host's, so output that matches it came from inside the guest.
 fn guest_kernel() -> String {
-    std::fs::read_to_string(image_dir().join("kernel-release"))
-        .unwrap()
-        .trim()
-        .to_owned()
+    let kernel = std::fs::read_to_string(image_dir().join("kernel-release")).unwrap().trim().to_owned();
+    assert_ne!(kernel, host_kernel(), "guest and host kernels must differ for these tests to prove anything");
+    kernel
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -31,14 +33,8 @@ fn only_job_id(d: &Daemon) -> String {
 
 /// After a job: its sandbox is DESTROYED and nothing of the VM is left behind.
 fn assert_cleaned_up(d: &Daemon, job: &Value) {
-    let sandboxes: Value =
-        serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
-    let sb = sandboxes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == job["sandbox_id"])
-        .unwrap();
+    let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
+    let sb = sandboxes.as_array().unwrap().iter().find(|s| s["id"] == job["sandbox_id"]).unwrap();
     assert_eq!(sb["state"], "DESTROYED", "{sb}");
     // KVM only after a successful probe boot; otherwise the log says why not.
     match sb["accel"].as_str() {
@@ -62,55 +58,30 @@ fn transitions(job: &Value, kind: &str) -> Vec<String> {
 #[test]
 fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     let d = Daemon::start();
-    let out = d.cli(&[
-        "job",
-        "submit",
-        "--follow",
-        "--cmd",
-        "echo hello-from-agentlab; uname -r; echo to-stderr >&2",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        describe(&out),
-        d.log()
-    );
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the API socket is for its owner and group only");
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "echo hello-from-agentlab; uname -r; echo to-stderr >&2"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
     let text = stdout(&out);
     let kernel = guest_kernel();
     assert_eq!(text, format!("hello-from-agentlab\n{kernel}\n"));
-    assert_ne!(kernel, host_kernel());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
 
     let job = d.job_json(&only_job_id(&d));
     assert_eq!(job["state"], "COMPLETED");
     assert_eq!(job["exit_code"], 0);
     assert_eq!(job["guest_kernel"], kernel.as_str());
-    assert_eq!(
-        job["output_bytes"],
-        (text.len() + "to-stderr\n".len()) as u64
-    );
+    assert_eq!(job["output_bytes"], (text.len() + "to-stderr\n".len()) as u64);
     assert_eq!(transitions(&job, "job.state"), ["RUNNING", "COMPLETED"]);
     assert_eq!(
         transitions(&job, "sandbox.state"),
-        [
-            "PROVISIONING",
-            "BOOTING",
-            "READY",
-            "RUNNING",
-            "COMPLETED",
-            "DESTROYED"
-        ]
+        ["PROVISIONING", "BOOTING", "READY", "RUNNING", "COMPLETED", "DESTROYED"]
     );
     assert_cleaned_up(&d, &job);
 
     // The stored output can be followed again after the fact, identically.
     let again = d.cli(&["job", "show", job["id"].as_str().unwrap()]);
-    assert!(
-        stdout(&again).contains("state:      COMPLETED\n"),
-        "{}",
-        describe(&again)
-    );
+    assert!(stdout(&again).contains("state:      COMPLETED\n"), "{}", describe(&again));
 }
 
 #[test]
@@ -130,15 +101,8 @@ fn a_job_that_exits_3_makes_agentlab_exit_3() {
 fn a_job_that_outlives_its_timeout_is_killed_and_reported_as_timeout() {
     let d = Daemon::start();
     let started = Instant::now();
-    let out = d.cli(&[
-        "job",
-        "submit",
-        "--follow",
-        "--timeout",
-        "3s",
-        "--cmd",
-        "uname -r; sleep 600; echo not-reached",
-    ]);
+    let out =
+        d.cli(&["job", "submit", "--follow", "--timeout", "3s", "--cmd", "uname -r; sleep 600; echo not-reached"]);
     assert_eq!(out.status.code(), Some(124), "{}", describe(&out));
     assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
     assert!(started.elapsed() < Duration::from_secs(120));
@@ -147,13 +111,7 @@ fn a_job_that_outlives_its_timeout_is_killed_and_reported_as_timeout() {
     assert_eq!(job["signal"], 15);
     let ms = job["duration_ms"].as_u64().unwrap();
     assert!((3000..10_000).contains(&ms), "duration {ms} ms");
-    assert!(
-        job["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("timed out after "),
-        "{job}"
-    );
+    assert!(job["error"].as_str().unwrap().starts_with("timed out after "), "{job}");
     assert_cleaned_up(&d, &job);
 }
 
@@ -163,16 +121,9 @@ fn a_repo_directory_becomes_the_jobs_workdir() {
     let repo = tempfile::tempdir().unwrap();
     std::fs::write(repo.path().join("greeting.txt"), "hi from the repo\n").unwrap();
     std::fs::create_dir(repo.path().join("src")).unwrap();
-    std::fs::write(
-        repo.path().join("src/run.sh"),
-        "#!/bin/sh\necho \"run.sh in $(pwd) on $(uname -r)\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        repo.path().join("src/run.sh"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::write(repo.path().join("src/run.sh"), "#!/bin/sh\necho \"run.sh in $(pwd) on $(uname -r)\"\n").unwrap();
+    std::fs::set_permissions(repo.path().join("src/run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
     let out = d.cli(&[
         "job",
         "submit",
@@ -182,42 +133,19 @@ fn a_repo_directory_becomes_the_jobs_workdir() {
         "--cmd",
         "cat greeting.txt && ./src/run.sh",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        describe(&out),
-        d.log()
-    );
-    assert_eq!(
-        stdout(&out),
-        format!(
-            "hi from the repo\nrun.sh in /workspace on {}\n",
-            guest_kernel()
-        )
-    );
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    assert_eq!(stdout(&out), format!("hi from the repo\nrun.sh in /workspace on {}\n", guest_kernel()));
     let job = d.job_json(&only_job_id(&d));
     assert_eq!(job["repo"], repo.path().to_str().unwrap());
     assert_cleaned_up(&d, &job);
     // The spooled upload is gone once the job has ended.
-    assert_eq!(
-        std::fs::read_dir(d.state.path().join("uploads"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(d.state.path().join("uploads")).unwrap().count(), 0);
 }
 
 #[test]
 fn agent_status_in_the_guest_shows_the_channel_job_and_landlock_abi() {
     let d = Daemon::start();
-    let out = d.cli(&[
-        "job",
-        "submit",
-        "--follow",
-        "--cmd",
-        "agentlab-agent status --json",
-    ]);
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "agentlab-agent status --json"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let job = d.job_json(&only_job_id(&d));
@@ -228,36 +156,21 @@ fn agent_status_in_the_guest_shows_the_channel_job_and_landlock_abi() {
     assert_eq!(status["channel"]["sandbox_id"], job["sandbox_id"]);
     assert_eq!(status["job"]["id"], job["id"]);
     assert_eq!(status["job"]["phase"], "running");
-    assert_eq!(
-        status["landlock_abi"], 2,
-        "Debian's 6.1 kernel has Landlock ABI 2"
-    );
+    assert_eq!(status["landlock_abi"], 2, "Debian's 6.1 kernel has Landlock ABI 2");
 }
 
 #[test]
 fn a_guest_agent_that_disconnects_mid_job_fails_the_job_with_that_reason() {
     let d = Daemon::start();
     // The job kills its agent (its parent): the guest's end of the channel drops.
-    let out = d.cli(&[
-        "job",
-        "submit",
-        "--follow",
-        "--cmd",
-        "uname -r; sleep 1; kill -9 $PPID; sleep 60",
-    ]);
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "uname -r; sleep 1; kill -9 $PPID; sleep 60"]);
     assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
     assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
     let job = d.job_json(&only_job_id(&d));
     assert_eq!(job["state"], "FAILED");
     let error = job["error"].as_str().unwrap();
-    assert!(
-        error.ends_with("the guest agent disconnected while the job was running"),
-        "{error}"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("the guest agent disconnected while the job was running")
-    );
+    assert!(error.ends_with("the guest agent disconnected while the job was running"), "{error}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the guest agent disconnected while the job was running"));
     assert_cleaned_up(&d, &job);
 }
 
@@ -266,12 +179,7 @@ fn hijack_agent_socket(d: &Daemon, cmd: &str) -> (String, UnixStream) {
     let out = d.cli(&["--json", "job", "submit", "--cmd", cmd]);
     assert!(out.status.success(), "{}", describe(&out));
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let path = d
-        .state
-        .path()
-        .join("sandboxes")
-        .join(ids["sandbox_id"].as_str().unwrap())
-        .join("vsock.sock_52000");
+    let path = d.state.path().join("sandboxes").join(ids["sandbox_id"].as_str().unwrap()).join("vsock.sock_52000");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(stream) = UnixStream::connect(&path) {
@@ -304,13 +212,9 @@ fn hostile_frames_close_that_session_and_the_daemon_keeps_serving() {
     let job = wait_for_end(&d, &job_a);
     assert_eq!(job["state"], "FAILED");
     let error = job["error"].as_str().unwrap();
-    assert!(
-        error.contains("peer sent a frame of 4294967295 bytes, over the 1048576-byte limit"),
-        "{error}"
-    );
+    assert!(error.contains("peer sent a frame of 4294967295 bytes, over the 1048576-byte limit"), "{error}");
     // The session is closed: the fake guest reads end-of-stream.
-    fake.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    fake.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(fake.read(&mut [0u8; 16]).unwrap_or(0), 0);
 
     // 2. A valid handshake, then garbage where a message should be.
@@ -323,30 +227,19 @@ fn hostile_frames_close_that_session_and_the_daemon_keeps_serving() {
         kernel_release: "x".repeat(10_000),
         landlock_abi: 99,
     };
-    fake.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap())
-        .unwrap();
-    fake.write_all(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff])
-        .unwrap();
+    fake.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap()).unwrap();
+    fake.write_all(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff]).unwrap();
     let job = wait_for_end(&d, &job_b);
     assert_eq!(job["state"], "FAILED");
     let error = job["error"].as_str().unwrap();
-    assert!(
-        error.contains("peer sent an undecodable 5-byte message"),
-        "{error}"
-    );
+    assert!(error.contains("peer sent an undecodable 5-byte message"), "{error}");
     // What the fake claimed was bounded and cleaned before it was stored.
     assert_eq!(job["guest_kernel"].as_str().unwrap().len(), 256);
     assert_eq!(job["agent_version"], "fake?agent");
 
     // 3. The daemon still runs a real job.
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "uname -r"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        describe(&out),
-        d.log()
-    );
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
     assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
     assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());
 }
@@ -363,23 +256,14 @@ fn missing_qemu_or_vhost_device_vsock_is_named_with_the_fix() {
     );
     let job = d.job_json(&only_job_id(&d));
     assert_eq!(job["state"], "FAILED");
-    assert_eq!(
-        transitions(&job, "sandbox.state"),
-        ["PROVISIONING", "FAILED", "DESTROYED"]
-    );
+    assert_eq!(transitions(&job, "sandbox.state"), ["PROVISIONING", "FAILED", "DESTROYED"]);
 
     let d = Daemon::start_with(&["--vhost-device-vsock", "no-such-vhost-device-vsock"]);
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("no-such-vhost-device-vsock not found (searched PATH="),
-        "{err}"
-    );
-    assert!(
-        err.contains("install it (cargo install vhost-device-vsock --locked)"),
-        "{err}"
-    );
+    assert!(err.contains("no-such-vhost-device-vsock not found (searched PATH="), "{err}");
+    assert!(err.contains("install it (cargo install vhost-device-vsock --locked)"), "{err}");
 }
 
 #[test]
@@ -399,31 +283,15 @@ fn an_unbuilt_image_is_named_with_the_fix() {
 #[test]
 fn bad_input_to_the_cli_is_explained() {
     let d = Daemon::start();
-    let out = d.cli(&[
-        "job",
-        "submit",
-        "--cmd",
-        "true",
-        "--repo",
-        "/nonexistent/repo",
-    ]);
+    let out = d.cli(&["job", "submit", "--cmd", "true", "--repo", "/nonexistent/repo"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("--repo /nonexistent/repo: No such file or directory")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repo /nonexistent/repo: No such file or directory"));
     let out = d.cli(&["job", "submit", "--cmd", "  "]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("invalid job: the command is empty: pass --cmd 'COMMAND'")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid: the command is empty: pass --cmd 'COMMAND'"));
     let out = d.cli(&["job", "show", "job-000000000000"]);
     assert_eq!(out.status.code(), Some(125));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        "agentlab: no job with id job-000000000000\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "agentlab: no job with id job-000000000000\n");
     // Nothing was recorded for the refused submissions.
     assert_eq!(stdout(&d.cli(&["--json", "job", "list"])).trim(), "[]");
 
@@ -441,13 +309,7 @@ fn bad_input_to_the_cli_is_explained() {
 #[test]
 fn killing_the_daemon_mid_job_leaves_no_vm_and_the_restart_explains_the_job() {
     let mut d = Daemon::start();
-    let out = d.cli(&[
-        "--json",
-        "job",
-        "submit",
-        "--cmd",
-        "echo started; sleep 600",
-    ]);
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
     assert!(out.status.success(), "{}", describe(&out));
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let job_id = ids["job_id"].as_str().unwrap();
@@ -458,29 +320,18 @@ fn killing_the_daemon_mid_job_leaves_no_vm_and_the_restart_explains_the_job() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(d.job_json(job_id)["state"], "RUNNING");
-    assert_eq!(
-        d.processes_using_state().len(),
-        2,
-        "one QEMU and one vhost-device-vsock while it runs"
-    );
+    assert_eq!(d.processes_using_state().len(), 2, "one QEMU and one vhost-device-vsock while it runs");
 
     d.kill_and_restart();
     // The VM and its device die with the daemon instead of lingering as orphans.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !d.processes_using_state().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            d.processes_using_state()
-        );
+        assert!(Instant::now() < deadline, "left behind: {:?}", d.processes_using_state());
         std::thread::sleep(Duration::from_millis(50));
     }
     let job = d.job_json(job_id);
     assert_eq!(job["state"], "FAILED");
-    assert_eq!(
-        job["error"],
-        "agentlabd stopped while this job was in flight; its sandbox did not survive"
-    );
+    assert_eq!(job["error"], "agentlabd stopped while this job was in flight; its sandbox did not survive");
     assert_cleaned_up(&d, &job);
     // The output that was stored before the crash is kept.
     let log = std::fs::read(&log_path).unwrap();

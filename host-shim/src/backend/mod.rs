@@ -34,36 +34,17 @@ pub struct VmExit {
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum BackendError {
     /// {program} not found (searched {searched}): {fix}
-    MissingBinary {
-        program: String,
-        searched: String,
-        fix: &'static str,
-    },
+    MissingBinary { program: String, searched: String, fix: &'static str },
     /// the guest image is not built: {path} does not exist; build it with `make image` (image/build.sh), or point agentlabd --image-dir at a built image
     ImageMissing { path: String },
     /// cannot start {what}: {source}
-    Spawn {
-        what: String,
-        source: std::io::Error,
-    },
+    Spawn { what: String, source: std::io::Error },
     /// {what} exited during start-up ({status}): {stderr}
-    DeviceFailed {
-        what: String,
-        status: String,
-        stderr: String,
-    },
+    DeviceFailed { what: String, status: String, stderr: String },
     /// {what} did not create {path} within {secs} s: {stderr}
-    DeviceTimeout {
-        what: String,
-        path: String,
-        secs: u64,
-        stderr: String,
-    },
+    DeviceTimeout { what: String, path: String, secs: u64, stderr: String },
     /// {context}: {source}
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 /// A source of sandboxes.

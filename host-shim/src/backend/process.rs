@@ -6,11 +6,7 @@ use std::path::{Path, PathBuf};
 /// Finds `program` like a shell would: a path with a slash as is, else in `PATH`.
 pub fn find_program(program: &Path) -> Result<PathBuf, String> {
     if program.components().count() > 1 {
-        return if program.is_file() {
-            Ok(program.to_owned())
-        } else {
-            Err(program.display().to_string())
-        };
+        return if program.is_file() { Ok(program.to_owned()) } else { Err(program.display().to_string()) };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
@@ -35,11 +31,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let mut bytes = Vec::new();
     let _ = file.take(64 * 1024).read_to_end(&mut bytes);
     let text = String::from_utf8_lossy(&bytes);
-    let all: Vec<&str> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let all: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
@@ -62,9 +54,6 @@ mod tests {
         assert!(find_program(Path::new("sh")).is_ok());
         let err = find_program(Path::new("no-such-program-agentlab")).unwrap_err();
         assert!(err.starts_with("PATH="));
-        assert_eq!(
-            find_program(Path::new("/nonexistent/qemu")).unwrap_err(),
-            "/nonexistent/qemu"
-        );
+        assert_eq!(find_program(Path::new("/nonexistent/qemu")).unwrap_err(), "/nonexistent/qemu");
     }
 }

@@ -11,11 +11,7 @@ use agentlab_host::daemon::Daemon;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(
-    name = "agentlabd",
-    version,
-    about = "AgentLab host shim: runs jobs in disposable VMs"
-)]
+#[command(name = "agentlabd", version, about = "AgentLab host shim: runs jobs in disposable VMs")]
 struct Args {
     /// Keep everything (database, logs, sockets, and the API socket unless --socket is
     /// given) under this directory. Lets agentlabd run unprivileged.
@@ -53,11 +49,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agentlabd: cannot start the async runtime: {e}");
@@ -74,18 +66,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let socket = match (&args.socket, &args.state_dir) {
         (Some(socket), _) => socket.clone(),
         (None, Some(dir)) => dir.join("agentlabd.sock"),
         (None, None) => PathBuf::from(DEFAULT_SOCKET),
     };
     let state_dir = std::path::absolute(&state_dir).map_err(|e| format!("--state-dir: {e}"))?;
-    let image_dir =
-        std::path::absolute(&args.image_dir).map_err(|e| format!("--image-dir: {e}"))?;
+    let image_dir = std::path::absolute(&args.image_dir).map_err(|e| format!("--image-dir: {e}"))?;
     let mut config = DaemonConfig::new(&state_dir, &socket, &image_dir);
     config.qemu.qemu = args.qemu;
     config.qemu.vhost_device_vsock = args.vhost_device_vsock;
@@ -99,13 +87,8 @@ async fn run(args: Args) -> Result<(), String> {
         // Not fatal: the daemon still serves state; each job fails with this reason.
         tracing::warn!("the qemu backend is not ready, jobs will fail until this is fixed: {e}");
     }
-    let listener = agentlab_host::server::bind(&socket)
-        .map_err(|e| format!("binding {}: {e}", socket.display()))?;
-    tracing::info!(
-        "agentlabd serving on {} (state in {})",
-        socket.display(),
-        state_dir.display()
-    );
+    let listener = agentlab_host::server::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    tracing::info!("agentlabd serving on {} (state in {})", socket.display(), state_dir.display());
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;

@@ -13,9 +13,7 @@ pub struct Client {
 impl Client {
     pub async fn connect(socket: &Path) -> Result<Client, String> {
         match UnixStream::connect(socket).await {
-            Ok(stream) => Ok(Client {
-                conn: ClientConnection::new(stream),
-            }),
+            Ok(stream) => Ok(Client { conn: ClientConnection::new(stream) }),
             Err(e) => Err(format!(
                 "cannot reach agentlabd at {}: {e}. Is it running? Start it (systemctl start agentlabd, or `agentlabd --state-dir DIR` for a local one) or point --socket / AGENTLABD_SOCKET at its socket",
                 socket.display()
@@ -24,10 +22,7 @@ impl Client {
     }
 
     pub async fn send(&mut self, request: ApiRequest) -> Result<(), String> {
-        self.conn
-            .send(request)
-            .await
-            .map_err(|e| format!("talking to agentlabd: {e}"))
+        self.conn.send(request).await.map_err(|e| format!("talking to agentlabd: {e}"))
     }
 
     pub async fn recv(&mut self) -> Result<ApiResponse, String> {
@@ -54,7 +49,5 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Output { .. } => "Output",
         ApiResponse::Error { .. } => "Error",
     };
-    format!(
-        "agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?"
-    )
+    format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

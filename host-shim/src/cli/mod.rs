@@ -18,11 +18,7 @@ use client::Client;
 pub const EXIT_AGENTLAB_ERROR: u8 = 125;
 
 #[derive(Parser)]
-#[command(
-    name = "agentlab",
-    version,
-    about = "Run AI coding agents and commands in disposable sandboxes"
-)]
+#[command(name = "agentlab", version, about = "Run AI coding agents and commands in disposable sandboxes")]
 pub struct Cli {
     /// agentlabd's socket.
     #[arg(long, global = true, env = "AGENTLABD_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -90,15 +86,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
-        Command::Job(JobCommand::Show { id }) => {
-            match client.call(ApiRequest::JobShow { id }).await? {
-                ApiResponse::Job(job) => {
-                    render::print(cli.json, &*job, || render::job_detail(&job));
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => Err(client::unexpected(other)),
+        Command::Job(JobCommand::Show { id }) => match client.call(ApiRequest::JobShow { id }).await? {
+            ApiResponse::Job(job) => {
+                render::print(cli.json, &*job, || render::job_detail(&job));
+                Ok(ExitCode::SUCCESS)
             }
-        }
+            other => Err(client::unexpected(other)),
+        },
         Command::Job(JobCommand::List) => match client.call(ApiRequest::JobList).await? {
             ApiResponse::Jobs(jobs) => {
                 render::print(cli.json, &jobs, || render::job_table(&jobs));
@@ -106,8 +100,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             other => Err(client::unexpected(other)),
         },
-        Command::Sandbox(SandboxCommand::List) => match client.call(ApiRequest::SandboxList).await?
-        {
+        Command::Sandbox(SandboxCommand::List) => match client.call(ApiRequest::SandboxList).await? {
             ApiResponse::Sandboxes(list) => {
                 render::print(cli.json, &list, || render::sandbox_table(&list));
                 Ok(ExitCode::SUCCESS)

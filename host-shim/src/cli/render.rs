@@ -9,10 +9,7 @@ use crate::api::{JobView, SandboxView};
 
 pub fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce() -> String) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     } else {
         print!("{}", text());
     }
@@ -64,50 +61,28 @@ pub fn job_detail(job: &JobView) -> String {
             (None, Some(to)) => format!("-> {to}"),
             _ => String::new(),
         };
-        let msg = e
-            .message
-            .as_deref()
-            .map(|m| m.lines().next().unwrap_or_default())
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "  {}  {:<20} {:<26} {msg}",
-            time(e.at_ms),
-            e.kind,
-            change
-        );
+        let msg = e.message.as_deref().map(|m| m.lines().next().unwrap_or_default()).unwrap_or_default();
+        let _ = writeln!(out, "  {}  {:<20} {:<26} {msg}", time(e.at_ms), e.kind, change);
     }
     out
 }
 
 pub fn job_table(jobs: &[JobView]) -> String {
-    let mut out = format!(
-        "{:<17} {:<10} {:>4}  {:<24}  {}\n",
-        "JOB", "STATE", "EXIT", "CREATED", "COMMAND"
-    );
+    let mut out = format!("{:<17} {:<10} {:>4}  {:<24}  {}\n", "JOB", "STATE", "EXIT", "CREATED", "COMMAND");
     for j in jobs {
-        let exit = j
-            .exit_code
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "-".into());
-        let cmd: String = j.command.chars().take(60).collect();
-        let _ = writeln!(
-            out,
-            "{:<17} {:<10} {:>4}  {:<24}  {cmd}",
-            j.id,
-            j.state.as_str(),
-            exit,
-            time(j.created_at_ms)
-        );
+        let exit = j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        // One line per job, whatever the command's own layout.
+        let flat = j.command.split_whitespace().collect::<Vec<_>>().join(" ");
+        let cmd: String = flat.chars().take(60).collect();
+        let _ =
+            writeln!(out, "{:<17} {:<10} {:>4}  {:<24}  {cmd}", j.id, j.state.as_str(), exit, time(j.created_at_ms));
     }
     out
 }
 
 pub fn sandbox_table(list: &[SandboxView]) -> String {
-    let mut out = format!(
-        "{:<16} {:<12} {:<8} {:<5} {:<17} {}\n",
-        "SANDBOX", "STATE", "BACKEND", "ACCEL", "JOB", "UPDATED"
-    );
+    let mut out =
+        format!("{:<16} {:<12} {:<8} {:<5} {:<17} {}\n", "SANDBOX", "STATE", "BACKEND", "ACCEL", "JOB", "UPDATED");
     for s in list {
         let _ = writeln!(
             out,

@@ -18,32 +18,22 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
     };
     let request = SubmitRequest {
         command: args.cmd,
-        timeout_ms: args
-            .timeout
-            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        repo_label: args.repo.as_ref().map(|p| {
-            std::path::absolute(p)
-                .unwrap_or_else(|_| p.clone())
-                .display()
-                .to_string()
-        }),
+        timeout_ms: args.timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        repo_label: args
+            .repo
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
         repo_bytes: repo.as_ref().map(|(_, len)| *len),
     };
     client.send(ApiRequest::Submit(request)).await?;
     if let Some((mut file, _)) = repo {
         let mut buf = vec![0u8; MAX_CHUNK_LEN];
         loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| format!("reading the packed repo: {e}"))?;
+            let n = file.read(&mut buf).map_err(|e| format!("reading the packed repo: {e}"))?;
             if n == 0 {
                 break;
             }
-            client
-                .send(ApiRequest::UploadChunk {
-                    data: buf[..n].to_vec(),
-                })
-                .await?;
+            client.send(ApiRequest::UploadChunk { data: buf[..n].to_vec() }).await?;
         }
     }
     let (job_id, sandbox_id) = match client.recv().await? {
@@ -52,10 +42,7 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
     };
     if !args.follow {
         if json {
-            println!(
-                "{}",
-                serde_json::json!({ "job_id": job_id, "sandbox_id": sandbox_id })
-            );
+            println!("{}", serde_json::json!({ "job_id": job_id, "sandbox_id": sandbox_id }));
         } else {
             println!("{job_id}");
         }
@@ -66,12 +53,7 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
 
 /// Streams output to stdout/stderr until the job ends; its exit code becomes ours.
 pub async fn follow(client: &mut Client, job_id: &str, json: bool) -> Result<ExitCode, String> {
-    client
-        .send(ApiRequest::Follow {
-            id: job_id.to_owned(),
-            offset: 0,
-        })
-        .await?;
+    client.send(ApiRequest::Follow { id: job_id.to_owned(), offset: 0 }).await?;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     loop {
@@ -109,19 +91,14 @@ pub async fn follow(client: &mut Client, job_id: &str, json: bool) -> Result<Exi
 async fn pack_repo(path: &Path) -> Result<(std::fs::File, u64), String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("--repo {}: {e}", path.display()))?;
     if !meta.is_dir() {
-        return Err(format!(
-            "--repo {} is not a directory: pass the repository's top directory",
-            path.display()
-        ));
+        return Err(format!("--repo {} is not a directory: pass the repository's top directory", path.display()));
     }
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         let file = tempfile::tempfile().map_err(|e| format!("creating a temporary file for the repo: {e}"))?;
         let mut builder = tar::Builder::new(file);
         builder.follow_symlinks(false);
-        builder
-            .append_dir_all(".", &path)
-            .map_err(|e| format!("packing --repo {}: {e}", path.display()))?;
+        builder.append_dir_all(".", &path).map_err(|e| format!("packing --repo {}: {e}", path.display()))?;
         let mut file = builder.into_inner().map_err(|e| format!("packing --repo {}: {e}", path.display()))?;
         let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
         if len > MAX_REPO_BYTES {

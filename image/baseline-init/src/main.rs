@@ -59,8 +59,7 @@ fn run() -> io::Result<()> {
 /// loaded (`EEXIST`) is fine; any other failure is reported and loading goes on, so that
 /// the connection attempt shows what is missing.
 fn load_modules() -> io::Result<()> {
-    let order =
-        std::fs::read_to_string(MODULES_ORDER).map_err(|err| with_context(err, MODULES_ORDER))?;
+    let order = std::fs::read_to_string(MODULES_ORDER).map_err(|err| with_context(err, MODULES_ORDER))?;
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = format!("{MODULES_DIR}/{name}");
         if let Err(err) = load_module(&path) {
@@ -75,14 +74,7 @@ fn load_module(path: &str) -> io::Result<()> {
     let params = CString::default();
     // SAFETY: `file` is an open descriptor that outlives the call, `params` is a valid
     // NUL-terminated string, and finit_module reads nothing else from our memory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            params.as_ptr(),
-            0 as libc::c_int,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0 as libc::c_int) };
     if rc == 0 {
         return Ok(());
     }
@@ -101,10 +93,7 @@ fn connect_host() -> io::Result<File> {
         match try_connect() {
             Ok(stream) => return Ok(stream),
             Err(err) if Instant::now() >= deadline => {
-                return Err(with_context(
-                    err,
-                    &format!("connecting to vsock {HOST_CID}:{AGENT_VSOCK_PORT}"),
-                ));
+                return Err(with_context(err, &format!("connecting to vsock {HOST_CID}:{AGENT_VSOCK_PORT}")));
             }
             Err(_) => sleep(RETRY_INTERVAL),
         }
@@ -128,13 +117,7 @@ fn try_connect() -> io::Result<File> {
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `addr` is a fully initialised sockaddr_vm and `len` is its exact size;
     // `fd` is a valid socket for the duration of the call.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&raw const addr).cast::<libc::sockaddr>(),
-            len,
-        )
-    };
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast::<libc::sockaddr>(), len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

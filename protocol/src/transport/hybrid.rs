@@ -31,24 +31,17 @@ pub fn listen(uds: &Path, port: u32) -> Result<UnixListener, ProtocolError> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(ProtocolError::io(
-                format!("removing stale socket {}", path.display()),
-                e,
-            ));
+            return Err(ProtocolError::io(format!("removing stale socket {}", path.display()), e));
         }
     }
-    UnixListener::bind(&path)
-        .map_err(|e| ProtocolError::io(format!("listening on {}", path.display()), e))
+    UnixListener::bind(&path).map_err(|e| ProtocolError::io(format!("listening on {}", path.display()), e))
 }
 
 /// Opens a host-initiated connection to guest port `port` through `uds`.
 pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, ProtocolError> {
-    let mut stream = UnixStream::connect(uds).await.map_err(|e| {
-        ProtocolError::io(
-            format!("connecting to hybrid vsock socket {}", uds.display()),
-            e,
-        )
-    })?;
+    let mut stream = UnixStream::connect(uds)
+        .await
+        .map_err(|e| ProtocolError::io(format!("connecting to hybrid vsock socket {}", uds.display()), e))?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
@@ -66,9 +59,7 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, ProtocolError>
             break;
         }
         if line.len() == MAX_REPLY_LINE {
-            return Err(ProtocolError::Hybrid(format!(
-                "reply to CONNECT {port} exceeds {MAX_REPLY_LINE} bytes"
-            )));
+            return Err(ProtocolError::Hybrid(format!("reply to CONNECT {port} exceeds {MAX_REPLY_LINE} bytes")));
         }
         line.push(byte);
     }

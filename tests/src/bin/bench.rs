@@ -34,10 +34,7 @@ fn parse_args() -> Args {
         baseline: PathBuf::from("target/x86_64-unknown-linux-musl/release/baseline-init"),
     };
     while let Some(flag) = args.next() {
-        let value = PathBuf::from(
-            args.next()
-                .unwrap_or_else(|| panic!("{flag} needs a value")),
-        );
+        let value = PathBuf::from(args.next().unwrap_or_else(|| panic!("{flag} needs a value")));
         match flag.as_str() {
             "--image-dir" => out.image_dir = value,
             "--agent" => out.agent = value,
@@ -56,14 +53,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = parse_args();
-    let scratch = tempfile::Builder::new()
-        .prefix("agentlab-bench-")
-        .tempdir()
-        .unwrap();
-    println!(
-        "AgentLab benchmarks ({} runs per boot figure, TCG unless KVM probes fine)",
-        BOOT_RUNS
-    );
+    let scratch = tempfile::Builder::new().prefix("agentlab-bench-").tempdir().unwrap();
+    println!("AgentLab benchmarks ({} runs per boot figure, TCG unless KVM probes fine)", BOOT_RUNS);
 
     // 1. Boot to Hello, agent image against the baseline image, interleaved.
     let baseline_dir = scratch.path().join("baseline-image");
@@ -83,23 +74,12 @@ async fn main() {
     let (mut agent_ms, mut baseline_ms) = (Vec::new(), Vec::new());
     for run in 0..BOOT_RUNS {
         agent_ms.push(boot_to_first_message(&agent_backend, &format!("agent-{run}"), true).await);
-        baseline_ms.push(
-            boot_to_first_message(&baseline_backend, &format!("baseline-{run}"), false).await,
-        );
+        baseline_ms.push(boot_to_first_message(&baseline_backend, &format!("baseline-{run}"), false).await);
     }
     let (agent, baseline) = (median(agent_ms.clone()), median(baseline_ms.clone()));
-    println!(
-        "boot: QEMU start -> agent Hello           {agent:8.0} ms (median; runs {})",
-        fmt_runs(&agent_ms)
-    );
-    println!(
-        "boot: QEMU start -> baseline init dial-in {baseline:8.0} ms (median; runs {})",
-        fmt_runs(&baseline_ms)
-    );
-    println!(
-        "boot: ratio agent / baseline              {:8.3}x   (goal <= 1.05x)",
-        agent / baseline
-    );
+    println!("boot: QEMU start -> agent Hello           {agent:8.0} ms (median; runs {})", fmt_runs(&agent_ms));
+    println!("boot: QEMU start -> baseline init dial-in {baseline:8.0} ms (median; runs {})", fmt_runs(&baseline_ms));
+    println!("boot: ratio agent / baseline              {:8.3}x   (goal <= 1.05x)", agent / baseline);
 
     // 2. Submit to first output byte through the real daemon and CLI.
     let mut overheads = Vec::new();
@@ -138,10 +118,7 @@ async fn main() {
 }
 
 fn fmt_runs(v: &[f64]) -> String {
-    v.iter()
-        .map(|x| format!("{x:.0}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ")
 }
 
 fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
@@ -158,18 +135,12 @@ fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
 
 /// Milliseconds from spawning QEMU to the guest's first bytes on the agent port.
 async fn boot_to_first_message(backend: &QemuBackend, name: &str, is_agent: bool) -> f64 {
-    let console =
-        std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
+    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
     let mut vm = backend
-        .provision(&ProvisionRequest {
-            sandbox_id: name.to_owned(),
-            console_log: console.clone(),
-        })
+        .provision(&ProvisionRequest { sandbox_id: name.to_owned(), console_log: console.clone() })
         .await
         .unwrap();
-    let ChannelEndpoint::Hybrid { uds } = vm.channel() else {
-        panic!("qemu backend uses hybrid vsock")
-    };
+    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
     let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
     let started = Instant::now();
     vm.boot().await.unwrap();
@@ -198,15 +169,8 @@ async fn boot_to_first_message(backend: &QemuBackend, name: &str, is_agent: bool
 
 /// Runs one job through a fresh daemon; returns (submit→first byte, boot) in ms.
 fn submit_to_first_byte(image_dir: &Path) -> (f64, f64) {
-    let bin_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let state = tempfile::Builder::new()
-        .prefix("agentlab-bench-state-")
-        .tempdir()
-        .unwrap();
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+    let state = tempfile::Builder::new().prefix("agentlab-bench-state-").tempdir().unwrap();
     let socket = state.path().join("agentlabd.sock");
     let mut daemon = Command::new(bin_dir.join("agentlabd"))
         .arg("--state-dir")
@@ -248,12 +212,8 @@ fn submit_to_first_byte(image_dir: &Path) -> (f64, f64) {
         .unwrap();
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let at = |to: &str| {
-        job["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["kind"] == "sandbox.state" && e["to_state"] == to)
-            .unwrap()["at_ms"]
+        job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.state" && e["to_state"] == to).unwrap()
+            ["at_ms"]
             .as_i64()
             .unwrap()
     };
