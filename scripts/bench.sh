@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec target/release/bench \
-  --image-dir build/image \
+  --image-dir build/image --profiles-dir profiles \
   --agent target/x86_64-unknown-linux-musl/release/agentlab-agent \
   --baseline target/x86_64-unknown-linux-musl/release/baseline-init

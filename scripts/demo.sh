@@ -11,7 +11,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN/agentlabd" --state-dir "$STATE" --image-dir build/image 2>"$STATE/agentlabd.log" &
+"$BIN/agentlabd" --state-dir "$STATE" --image-dir build/image --profiles-dir profiles 2>"$STATE/agentlabd.log" &
 DAEMON_PID=$!
 export AGENTLABD_SOCKET="$STATE/agentlabd.sock"
 for _ in $(seq 100); do [ -S "$AGENTLABD_SOCKET" ] && break; sleep 0.1; done

@@ -4,6 +4,7 @@
 use agentlab_protocol::{Connection, OutputStream};
 use serde::{Deserialize, Serialize};
 
+use crate::profile::Profile;
 use crate::state::{JobState, SandboxState};
 
 /// Largest repo upload the daemon accepts (1 GiB).
@@ -21,6 +22,7 @@ pub enum ApiRequest {
     },
     JobList,
     SandboxList,
+    ProfileList,
     /// Stream a job's output from `offset` (bytes of the stored log), then its final view.
     Follow {
         id: String,
@@ -36,6 +38,8 @@ pub struct SubmitRequest {
     /// What the user named as the repo, for display.
     pub repo_label: Option<String>,
     pub repo_bytes: Option<u64>,
+    /// Profile name; the daemon's default profile if absent.
+    pub profile: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,6 +48,7 @@ pub enum ApiResponse {
     Job(Box<JobView>),
     Jobs(Vec<JobView>),
     Sandboxes(Vec<SandboxView>),
+    Profiles(Vec<Profile>),
     Output { stream: OutputStream, data: Vec<u8> },
     Error { message: String },
 }
@@ -66,6 +71,7 @@ pub struct JobView {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub duration_ms: Option<u64>,
+    pub profile: Option<String>,
     pub events: Vec<EventView>,
 }
 

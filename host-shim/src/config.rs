@@ -9,11 +9,16 @@ use crate::backend::qemu::{Accel, QemuConfig};
 pub const DEFAULT_SOCKET: &str = "/run/agentlab/agentlabd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentlab";
 pub const DEFAULT_IMAGE_DIR: &str = "/usr/share/agentlab/image";
+pub const DEFAULT_PROFILES_DIR: &str = "/etc/agentlab/profiles";
+/// The profile a job gets when it names none.
+pub const DEFAULT_PROFILE: &str = "yolo-ephemeral";
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Every `*.yaml` here is loaded at start; one invalid profile stops the start.
+    pub profiles_dir: PathBuf,
     pub qemu: QemuConfig,
     /// How long a guest may take from VM start to its agent's dial-in.
     pub boot_timeout: Duration,
@@ -32,14 +37,15 @@ impl DaemonConfig {
         DaemonConfig {
             state_dir: state_dir.to_owned(),
             socket: socket.to_owned(),
+            profiles_dir: PathBuf::from(DEFAULT_PROFILES_DIR),
             qemu: QemuConfig {
                 qemu: PathBuf::from("qemu-system-x86_64"),
                 vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
                 image_dir: image_dir.to_owned(),
                 run_dir: state_dir.join("sandboxes"),
                 accel: Accel::Auto,
-                memory_mb: 512,
-                cpus: 1,
+                max_cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+                max_memory_mb: 8192,
             },
             boot_timeout: Duration::from_secs(90),
             default_job_timeout: Duration::from_secs(3600),

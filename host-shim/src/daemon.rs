@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::api::{MAX_REPO_BYTES, SubmitRequest};
 use crate::backend::Backend;
-use crate::config::DaemonConfig;
+use crate::config::{DEFAULT_PROFILE, DaemonConfig};
 use crate::ids::new_id;
 use crate::joblog::JobLog;
+use crate::profile::{Profile, ProfileError, ProfileSet};
 use crate::runner::{self, QueuedJob};
 use crate::state::{JobState, SandboxState};
 use crate::store::{JobEnd, NewJob, Store, StoreError};
@@ -22,6 +23,8 @@ const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub enum DaemonError {
     /// {0}
     Store(#[from] StoreError),
+    /// cannot load the profiles: {0}
+    Profiles(Box<ProfileError>),
     /// invalid: {0}
     Invalid(String),
     /// {context}: {source}
@@ -31,6 +34,7 @@ pub enum DaemonError {
 pub struct Daemon {
     pub config: DaemonConfig,
     pub store: Store,
+    pub profiles: ProfileSet,
     pub backend: Arc<dyn Backend>,
     live: Mutex<HashMap<String, Arc<JobLog>>>,
 }
@@ -55,8 +59,9 @@ impl Daemon {
         for dir in [&config.state_dir, &config.jobs_dir(), &config.uploads_dir(), &config.qemu.run_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
+        let profiles = crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
         let store = Store::open(&config.db_path())?;
-        let daemon = Arc::new(Daemon { config, store, backend, live: Mutex::new(HashMap::new()) });
+        let daemon = Arc::new(Daemon { config, store, profiles, backend, live: Mutex::new(HashMap::new()) });
         daemon.settle_unfinished()?;
         Ok(daemon)
     }
@@ -81,8 +86,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// Checks a submission before anything is stored.
-    pub fn validate(&self, req: &SubmitRequest) -> Result<(), DaemonError> {
+    /// Checks a submission before anything is stored; returns its profile.
+    pub fn validate(&self, req: &SubmitRequest) -> Result<Profile, DaemonError> {
         if req.command.trim().is_empty() {
             return Err(DaemonError::Invalid("the command is empty: pass --cmd 'COMMAND'".into()));
         }
@@ -98,7 +103,8 @@ impl Daemon {
         if req.repo_bytes.is_some_and(|b| b > MAX_REPO_BYTES) {
             return Err(DaemonError::Invalid(format!("the repo tarball is over the {MAX_REPO_BYTES}-byte limit")));
         }
-        Ok(())
+        let name = req.profile.as_deref().unwrap_or(DEFAULT_PROFILE);
+        self.profiles.get(name).cloned().ok_or_else(|| DaemonError::Invalid(self.profiles.unknown(name)))
     }
 
     pub fn upload_path(&self, upload_id: &str) -> PathBuf {
@@ -109,6 +115,7 @@ impl Daemon {
     pub fn submit(
         self: &Arc<Self>,
         req: SubmitRequest,
+        profile: Profile,
         upload: Option<PathBuf>,
     ) -> Result<(String, String), DaemonError> {
         let job_id = new_id("job");
@@ -128,6 +135,7 @@ impl Daemon {
             command: &req.command,
             repo: req.repo_label.as_deref(),
             timeout_ms,
+            profile: &profile.name,
         })?;
         self.live.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.clone(), log.clone());
         let job = QueuedJob {
@@ -137,6 +145,7 @@ impl Daemon {
             timeout_ms,
             upload,
             log,
+            profile,
         };
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod ids;
 pub mod joblog;
+pub mod profile;
 mod runner;
 pub mod server;
 pub mod state;

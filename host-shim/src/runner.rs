@@ -13,14 +13,13 @@ use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
 use crate::joblog::JobLog;
+use crate::profile::Profile;
 use crate::state::{JobState, SandboxState};
 use crate::store::JobEnd;
 
-/// Where the job runs inside the guest.
-pub const GUEST_WORKDIR: &str = "/workspace";
-
 pub struct QueuedJob {
     pub job_id: String,
+    pub profile: Profile,
     pub sandbox_id: String,
     pub command: String,
     pub timeout_ms: u64,
@@ -75,7 +74,14 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     let provisioned = async {
         daemon.backend.preflight().await?;
         let console_log = daemon.config.job_dir(&job.job_id).join("console.log");
-        daemon.backend.provision(&ProvisionRequest { sandbox_id: sb.to_owned(), console_log }).await
+        let resources = &job.profile.resources;
+        let req = ProvisionRequest {
+            sandbox_id: sb.to_owned(),
+            console_log,
+            cores: resources.cores,
+            memory_mb: resources.memory_mb,
+        };
+        daemon.backend.provision(&req).await
     };
     let mut vm = match provisioned.await {
         Ok(vm) => vm,
@@ -89,6 +95,12 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     if let Some(accel) = vm.accel() {
         let _ = store.set_sandbox_accel(sb, &accel);
     }
+    let _ = store.record_event(
+        Some(&job.job_id),
+        Some(sb),
+        "sandbox.provisioned",
+        &format!("profile {}: {}", job.profile.name, vm.shape()),
+    );
 
     let finish = boot_and_run(daemon, job, vm.as_mut()).await;
     record(finish.sandbox, Some(&finish.message));
@@ -158,7 +170,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
         program: "/bin/sh".into(),
         args: vec!["-c".into(), job.command.clone()],
         env: Vec::new(),
-        workdir: GUEST_WORKDIR.into(),
+        workdir: job.profile.repo.clone_path.clone(),
         timeout_ms: job.timeout_ms,
         kill_grace_ms: u64::try_from(daemon.config.kill_grace.as_millis()).unwrap_or(u64::MAX),
         workdir_upload_bytes: match &job.upload {

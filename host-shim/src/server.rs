@@ -67,6 +67,7 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
                 Ok(s) => ApiResponse::Sandboxes(s),
                 Err(e) => error(e),
             },
+            ApiRequest::ProfileList => ApiResponse::Profiles(daemon.profiles.all().cloned().collect()),
             ApiRequest::Follow { id, offset } => follow(&daemon, &mut conn, &id, offset).await?,
         };
         conn.send(reply).await?;
@@ -83,9 +84,10 @@ async fn submit(
     conn: &mut ServerConnection<UnixStream>,
     req: SubmitRequest,
 ) -> Result<ApiResponse, agentlab_protocol::ProtocolError> {
-    if let Err(e) = daemon.validate(&req) {
-        return Ok(error(e));
-    }
+    let profile = match daemon.validate(&req) {
+        Ok(profile) => profile,
+        Err(e) => return Ok(error(e)),
+    };
     let upload = match req.repo_bytes {
         None => None,
         Some(total) => {
@@ -99,7 +101,7 @@ async fn submit(
             }
         }
     };
-    Ok(match daemon.submit(req, upload.clone()) {
+    Ok(match daemon.submit(req, profile, upload.clone()) {
         Ok((job_id, sandbox_id)) => ApiResponse::Submitted { job_id, sandbox_id },
         Err(e) => {
             if let Some(path) = upload {

@@ -10,7 +10,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::api::{EventView, JobView, SandboxView};
 use crate::state::{JobState, SandboxState};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+/// Migrations from version N-1 to N, for N = 2, 3, …; each runs in one transaction.
+const MIGRATIONS: &[&str] = &["ALTER TABLE jobs ADD COLUMN profile TEXT;"];
 const SCHEMA: &str = "
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY,
@@ -79,6 +81,7 @@ pub struct NewJob<'a> {
     pub command: &'a str,
     pub repo: Option<&'a str>,
     pub timeout_ms: u64,
+    pub profile: &'a str,
 }
 
 /// Result fields written together with a job's final transition.
@@ -116,8 +119,11 @@ impl Store {
             });
         }
         if version == 0 {
-            conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
-                .map_err(open_err)?;
+            conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = 1; COMMIT;")).map_err(open_err)?;
+        }
+        for (from, migration) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version.max(1) - 1).unwrap_or(0)) {
+            let to = from + 2;
+            conn.execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {to}; COMMIT;")).map_err(open_err)?;
         }
         Ok(Store { conn: Mutex::new(conn) })
     }
@@ -145,7 +151,7 @@ impl Store {
                 params![job.sandbox_id, job.backend, SandboxState::Requested.as_str(), job.job_id, now],
             )?;
             tx.execute(
-                "INSERT INTO jobs (id, sandbox_id, state, command, repo, timeout_ms, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO jobs (id, sandbox_id, state, command, repo, timeout_ms, created_at, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     job.job_id,
                     job.sandbox_id,
@@ -153,7 +159,8 @@ impl Store {
                     job.command,
                     job.repo,
                     i64::try_from(job.timeout_ms).unwrap_or(i64::MAX),
-                    now
+                    now,
+                    job.profile
                 ],
             )?;
             insert_event(tx, Some(job.job_id), Some(job.sandbox_id), "job.created", None, Some("QUEUED"), None)?;
@@ -338,7 +345,7 @@ impl Store {
 }
 
 const JOB_COLUMNS: &str = "id, sandbox_id, state, command, repo, timeout_ms, exit_code, signal, error, guest_kernel, \
-     agent_version, output_bytes, created_at, started_at, finished_at, duration_ms";
+     agent_version, output_bytes, created_at, started_at, finished_at, duration_ms, profile";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, StoreError>> {
     let state: String = r.get(2)?;
@@ -365,6 +372,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, Store
         started_at_ms: r.get(13)?,
         finished_at_ms: r.get(14)?,
         duration_ms: duration_ms.map(|d| u64::try_from(d).unwrap_or(0)),
+        profile: r.get(16)?,
         events: Vec::new(),
     }))
 }
@@ -417,9 +425,49 @@ mod tests {
                 command: "echo hi",
                 repo: None,
                 timeout_ms: 5000,
+                profile: "p",
             })
             .unwrap();
         (job, sb)
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;")).unwrap();
+        conn.execute(
+            "INSERT INTO sandboxes (id, backend, state, created_at, updated_at) VALUES ('sb-1', 'qemu', 'DESTROYED', 1, 1)",
+            [],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, sandbox_id, state, command, timeout_ms, created_at) VALUES ('job-1', 'sb-1', 'COMPLETED', 'true', 1, 1)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        let job = store.job("job-1").unwrap();
+        assert_eq!((job.state, job.profile), (JobState::Completed, None));
+        let version: i64 = store.with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99;").unwrap();
+        let err = Store::open(&path).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the state database {} has schema version 99, newer than this agentlabd (2); upgrade agentlabd",
+                path.display()
+            )
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn spawn_daemon(state: &Path, extra: &[&str]) -> Child {
         .arg(state)
         .args(extra)
         .env("AGENTLAB_IMAGE_DIR", image_dir_or_missing())
+        .env("AGENTLAB_PROFILES_DIR", workspace_root().join("profiles"))
         .env("AGENTLAB_LOG", "info,agentlab_host=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

@@ -71,6 +71,12 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     assert_eq!(job["state"], "COMPLETED");
     assert_eq!(job["exit_code"], 0);
     assert_eq!(job["guest_kernel"], kernel.as_str());
+    assert_eq!(job["profile"], "yolo-ephemeral");
+    let provisioned = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.provisioned").unwrap();
+    let shape = provisioned["message"].as_str().unwrap();
+    assert!(shape.starts_with("profile yolo-ephemeral: "), "{shape}");
+    let cpus = std::thread::available_parallelism().unwrap().get().min(2);
+    assert!(shape.contains(&format!("{cpus} vCPU, 4096 MiB, ")), "{shape}");
     assert_eq!(job["output_bytes"], (text.len() + "to-stderr\n".len()) as u64);
     assert_eq!(transitions(&job, "job.state"), ["RUNNING", "COMPLETED"]);
     assert_eq!(

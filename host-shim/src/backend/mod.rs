@@ -22,6 +22,9 @@ pub struct ProvisionRequest {
     pub sandbox_id: String,
     /// Where the guest's serial console should be written (kept with the job).
     pub console_log: PathBuf,
+    /// vCPUs and memory from the job's profile.
+    pub cores: u32,
+    pub memory_mb: u32,
 }
 
 /// How the VM process ended on its own.
@@ -72,6 +75,9 @@ pub trait Sandbox: Send {
 
     /// Which accelerator the VM runs on, for the record.
     fn accel(&self) -> Option<String>;
+
+    /// What the VM got (vCPUs, memory, accelerator), for the record.
+    fn shape(&self) -> String;
 
     /// The last lines the guest and its devices printed, for error messages.
     fn diagnostics(&self) -> String;

@@ -47,8 +47,10 @@ pub struct QemuConfig {
     /// Per-sandbox sockets and logs go under here.
     pub run_dir: PathBuf,
     pub accel: Accel,
-    pub memory_mb: u32,
-    pub cpus: u32,
+    /// Caps on what a profile may ask of this host: a local microVM never gets more
+    /// vCPUs than the host has, nor more memory than the operator allows.
+    pub max_cpus: u32,
+    pub max_memory_mb: u32,
 }
 
 impl QemuConfig {
@@ -212,6 +214,8 @@ impl Backend for QemuBackend {
         let uds = dir.join("vsock.sock");
         let vhost_log = dir.join("vhost-device-vsock.log");
         let mut sandbox = QemuSandbox {
+            cpus: req.cores.clamp(1, self.config.max_cpus.max(1)),
+            memory_mb: req.memory_mb.clamp(128, self.config.max_memory_mb.max(128)),
             config: self.config.clone(),
             dir,
             qemu_bin: bins.qemu,
@@ -232,6 +236,8 @@ impl Backend for QemuBackend {
 }
 
 struct QemuSandbox {
+    cpus: u32,
+    memory_mb: u32,
     config: QemuConfig,
     dir: PathBuf,
     qemu_bin: PathBuf,
@@ -305,7 +311,7 @@ impl QemuSandbox {
     }
 
     fn qemu_args(&self) -> Vec<String> {
-        let mem = format!("{}M", self.config.memory_mb);
+        let mem = format!("{}M", self.memory_mb);
         let cpu = if self.accel == "kvm" { "host" } else { "max" };
         let mut args: Vec<String> = vec![
             "-machine".into(),
@@ -317,7 +323,7 @@ impl QemuSandbox {
             "-m".into(),
             mem.clone(),
             "-smp".into(),
-            self.config.cpus.to_string(),
+            self.cpus.to_string(),
             // vhost-user devices need guest RAM the device process can map.
             "-object".into(),
             format!("memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -371,6 +377,10 @@ impl Sandbox for QemuSandbox {
 
     fn accel(&self) -> Option<String> {
         Some(self.accel.to_owned())
+    }
+
+    fn shape(&self) -> String {
+        format!("{} vCPU, {} MiB, {}", self.cpus, self.memory_mb, self.accel)
     }
 
     fn diagnostics(&self) -> String {

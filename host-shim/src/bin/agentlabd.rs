@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab_host::backend::qemu::{Accel, QemuBackend};
-use agentlab_host::config::{DEFAULT_IMAGE_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DaemonConfig};
+use agentlab_host::config::{DEFAULT_IMAGE_DIR, DEFAULT_PROFILES_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DaemonConfig};
 use agentlab_host::daemon::Daemon;
 use clap::Parser;
 
@@ -32,9 +32,15 @@ struct Args {
     /// Accelerator: auto uses KVM only if a probe boot under it succeeds.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     accel: Accel,
-    /// Guest memory per sandbox, MiB.
-    #[arg(long, default_value_t = 512)]
-    vm_memory_mb: u32,
+    /// Directory of profile files (`*.yaml`); every one must be valid for agentlabd to start.
+    #[arg(long, env = "AGENTLAB_PROFILES_DIR", default_value = DEFAULT_PROFILES_DIR)]
+    profiles_dir: PathBuf,
+    /// Most vCPUs a local microVM gets, whatever its profile asks [default: this host's CPUs].
+    #[arg(long)]
+    max_vm_cpus: Option<u32>,
+    /// Most memory a local microVM gets, MiB, whatever its profile asks.
+    #[arg(long, default_value_t = 8192)]
+    max_vm_memory_mb: u32,
     /// How long a guest may take to boot and dial in.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
     boot_timeout: Duration,
@@ -78,7 +84,11 @@ async fn run(args: Args) -> Result<(), String> {
     config.qemu.qemu = args.qemu;
     config.qemu.vhost_device_vsock = args.vhost_device_vsock;
     config.qemu.accel = args.accel;
-    config.qemu.memory_mb = args.vm_memory_mb;
+    config.qemu.max_memory_mb = args.max_vm_memory_mb;
+    if let Some(cpus) = args.max_vm_cpus {
+        config.qemu.max_cpus = cpus;
+    }
+    config.profiles_dir = std::path::absolute(&args.profiles_dir).map_err(|e| format!("--profiles-dir: {e}"))?;
     config.boot_timeout = args.boot_timeout;
 
     let backend = Arc::new(QemuBackend::new(config.qemu.clone()));

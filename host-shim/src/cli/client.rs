@@ -46,6 +46,7 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Job(_) => "Job",
         ApiResponse::Jobs(_) => "Jobs",
         ApiResponse::Sandboxes(_) => "Sandboxes",
+        ApiResponse::Profiles(_) => "Profiles",
         ApiResponse::Output { .. } => "Output",
         ApiResponse::Error { .. } => "Error",
     };

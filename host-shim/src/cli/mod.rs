@@ -38,6 +38,19 @@ enum Command {
     /// Sandboxes (the VMs jobs run in).
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Sandbox profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// List the daemon's profiles.
+    List,
+    /// Show one profile as the daemon loaded it (defaults filled in).
+    Show { name: String },
+    /// Check a profile file locally, without a daemon: every document, every key.
+    Validate { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +83,9 @@ pub struct SubmitArgs {
     /// Stream the job's output and exit with its exit code.
     #[arg(long)]
     follow: bool,
+    /// Sandbox profile (see `agentlab profile list`) [default: yolo-ephemeral].
+    #[arg(long)]
+    profile: Option<String>,
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
@@ -83,6 +99,9 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Profile(ProfileCommand::Validate { file }) = &cli.command {
+        return validate_profile_file(file, cli.json);
+    }
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
@@ -100,6 +119,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             other => Err(client::unexpected(other)),
         },
+        Command::Profile(ProfileCommand::Validate { .. }) => Err("unreachable: validated above".into()),
+        Command::Profile(command) => match client.call(ApiRequest::ProfileList).await? {
+            ApiResponse::Profiles(profiles) => match command {
+                ProfileCommand::Show { name } => {
+                    let Some(profile) = profiles.iter().find(|p| p.name == name) else {
+                        let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+                        return Err(format!("no profile named `{name}` (known: {})", names.join(", ")));
+                    };
+                    render::print(cli.json, profile, || serde_norway::to_string(profile).unwrap_or_default());
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => {
+                    render::print(cli.json, &profiles, || render::profile_table(&profiles));
+                    Ok(ExitCode::SUCCESS)
+                }
+            },
+            other => Err(client::unexpected(other)),
+        },
         Command::Sandbox(SandboxCommand::List) => match client.call(ApiRequest::SandboxList).await? {
             ApiResponse::Sandboxes(list) => {
                 render::print(cli.json, &list, || render::sandbox_table(&list));
@@ -108,4 +145,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             other => Err(client::unexpected(other)),
         },
     }
+}
+
+fn validate_profile_file(file: &std::path::Path, json: bool) -> Result<ExitCode, String> {
+    let profiles = crate::profile::load_file(file).map_err(|e| e.to_string())?;
+    let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+    if json {
+        println!("{}", serde_json::json!({ "file": file.display().to_string(), "profiles": names }));
+    } else {
+        println!("{}: {} valid profile(s): {}", file.display(), names.len(), names.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }

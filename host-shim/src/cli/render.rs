@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::api::{JobView, SandboxView};
+use crate::profile::Profile;
 
 pub fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce() -> String) {
     if json {
@@ -33,6 +34,9 @@ pub fn job_detail(job: &JobView) -> String {
     field("state", job.state.as_str());
     field("sandbox", &job.sandbox_id);
     field("command", &job.command);
+    if let Some(profile) = &job.profile {
+        field("profile", profile);
+    }
     if let Some(repo) = &job.repo {
         field("repo", repo);
     }
@@ -96,4 +100,29 @@ pub fn sandbox_table(list: &[SandboxView]) -> String {
         );
     }
     out
+}
+
+pub fn profile_table(profiles: &[Profile]) -> String {
+    let mut out = format!(
+        "{:<20} {:>5} {:>7} {:<9} {:<11} {}\n",
+        "PROFILE", "CORES", "MEM_MB", "NETWORK", "LANDLOCK", "DESCRIPTION"
+    );
+    for p in profiles {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>5} {:>7} {:<9} {:<11} {}",
+            p.name,
+            p.resources.cores,
+            p.resources.memory_mb,
+            enum_name(&p.network.mode),
+            enum_name(&p.sandbox.landlock),
+            p.description
+        );
+    }
+    out
+}
+
+/// An enum's name as it is written in YAML.
+fn enum_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }

@@ -24,6 +24,7 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
         repo_bytes: repo.as_ref().map(|(_, len)| *len),
+        profile: args.profile.clone(),
     };
     client.send(ApiRequest::Submit(request)).await?;
     if let Some((mut file, _)) = repo {

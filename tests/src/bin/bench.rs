@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use agentlab_host::backend::qemu::{Accel, QemuBackend, QemuConfig};
 use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
 use agentlab_host::channel::sanitize_guest_text;
+use agentlab_host::config::DEFAULT_PROFILE;
+use agentlab_host::profile::Resources;
 use agentlab_protocol::transport::hybrid;
 use agentlab_protocol::{AGENT_VSOCK_PORT, HostConnection, HostMessage, host_handshake};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +24,7 @@ const SUBMIT_RUNS: usize = 3;
 
 struct Args {
     image_dir: PathBuf,
+    profiles_dir: PathBuf,
     agent: PathBuf,
     baseline: PathBuf,
 }
@@ -30,6 +33,7 @@ fn parse_args() -> Args {
     let mut args = std::env::args().skip(1);
     let mut out = Args {
         image_dir: PathBuf::from("build/image"),
+        profiles_dir: PathBuf::from("profiles"),
         agent: PathBuf::from("target/x86_64-unknown-linux-musl/release/agentlab-agent"),
         baseline: PathBuf::from("target/x86_64-unknown-linux-musl/release/baseline-init"),
     };
@@ -37,6 +41,7 @@ fn parse_args() -> Args {
         let value = PathBuf::from(args.next().unwrap_or_else(|| panic!("{flag} needs a value")));
         match flag.as_str() {
             "--image-dir" => out.image_dir = value,
+            "--profiles-dir" => out.profiles_dir = value,
             "--agent" => out.agent = value,
             "--baseline" => out.baseline = value,
             other => panic!("unknown flag {other}"),
@@ -69,12 +74,16 @@ async fn main() {
         baseline_dir.join("initrd.img"),
     )
     .unwrap();
+    // Both images boot in the shape of the default profile, as a user's job would.
+    let profiles = agentlab_host::profile::load_dir(&args.profiles_dir).unwrap();
+    let shape = profiles.get(DEFAULT_PROFILE).unwrap().resources.clone();
+    println!("boot shape: profile {DEFAULT_PROFILE}, {} vCPU, {} MiB", shape.cores, shape.memory_mb);
     let agent_backend = backend(&args.image_dir, scratch.path());
     let baseline_backend = backend(&baseline_dir, scratch.path());
     let (mut agent_ms, mut baseline_ms) = (Vec::new(), Vec::new());
     for run in 0..BOOT_RUNS {
-        agent_ms.push(boot_to_first_message(&agent_backend, &format!("agent-{run}"), true).await);
-        baseline_ms.push(boot_to_first_message(&baseline_backend, &format!("baseline-{run}"), false).await);
+        agent_ms.push(boot_to_first_message(&agent_backend, &shape, &format!("agent-{run}"), true).await);
+        baseline_ms.push(boot_to_first_message(&baseline_backend, &shape, &format!("baseline-{run}"), false).await);
     }
     let (agent, baseline) = (median(agent_ms.clone()), median(baseline_ms.clone()));
     println!("boot: QEMU start -> agent Hello           {agent:8.0} ms (median; runs {})", fmt_runs(&agent_ms));
@@ -86,7 +95,7 @@ async fn main() {
     let mut totals = Vec::new();
     let mut boots = Vec::new();
     for _ in 0..SUBMIT_RUNS {
-        let (total, boot) = submit_to_first_byte(&args.image_dir);
+        let (total, boot) = submit_to_first_byte(&args.image_dir, &args.profiles_dir);
         totals.push(total);
         boots.push(boot);
         overheads.push(total - boot);
@@ -128,16 +137,21 @@ fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
         image_dir: image_dir.to_owned(),
         run_dir: scratch.join("sandboxes"),
         accel: Accel::Auto,
-        memory_mb: 512,
-        cpus: 1,
+        max_cpus: 64,
+        max_memory_mb: 262_144,
     })
 }
 
 /// Milliseconds from spawning QEMU to the guest's first bytes on the agent port.
-async fn boot_to_first_message(backend: &QemuBackend, name: &str, is_agent: bool) -> f64 {
+async fn boot_to_first_message(backend: &QemuBackend, shape: &Resources, name: &str, is_agent: bool) -> f64 {
     let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
     let mut vm = backend
-        .provision(&ProvisionRequest { sandbox_id: name.to_owned(), console_log: console.clone() })
+        .provision(&ProvisionRequest {
+            sandbox_id: name.to_owned(),
+            console_log: console.clone(),
+            cores: shape.cores,
+            memory_mb: shape.memory_mb,
+        })
         .await
         .unwrap();
     let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
@@ -168,7 +182,7 @@ async fn boot_to_first_message(backend: &QemuBackend, name: &str, is_agent: bool
 }
 
 /// Runs one job through a fresh daemon; returns (submit→first byte, boot) in ms.
-fn submit_to_first_byte(image_dir: &Path) -> (f64, f64) {
+fn submit_to_first_byte(image_dir: &Path, profiles_dir: &Path) -> (f64, f64) {
     let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_owned();
     let state = tempfile::Builder::new().prefix("agentlab-bench-state-").tempdir().unwrap();
     let socket = state.path().join("agentlabd.sock");
@@ -177,6 +191,8 @@ fn submit_to_first_byte(image_dir: &Path) -> (f64, f64) {
         .arg(state.path())
         .arg("--image-dir")
         .arg(image_dir)
+        .arg("--profiles-dir")
+        .arg(profiles_dir)
         .env("AGENTLAB_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()

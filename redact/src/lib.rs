@@ -1,0 +1,1 @@
+//! Streaming secret redaction (in progress).
