@@ -1,26 +1,36 @@
 //! Runs the job: its own process group, output streamed as acknowledged chunks while
 //! it runs, wall-clock timeout (SIGTERM, then SIGKILL after the grace period), and
-//! cancellation from the host.
+//! cancellation from the host. The job starts inside its sandbox (see [`crate::sandbox`]).
 
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec, MAX_CHUNK_LEN,
-    OutputChunk, OutputStream, ProtocolError,
+    CHUNK_WINDOW, Enforcement, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec,
+    MAX_CHUNK_LEN, OutputChunk, OutputStream, ProtocolError,
 };
+use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use crate::sandbox::{AGENT_PID_ENV, LAUNCHER_SUBCOMMAND, LauncherReport, POLICY_ENV, prepare};
 use crate::session::Stream;
 use crate::status::StatusBoard;
 
 /// After the job's main process exits, how long its pipes may stay open before the
 /// agent stops reading them (a daemon that escaped the process group holds them).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// How long the launcher may take to sandbox itself and exec the job.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cap on what the agent reads from the report pipe.
+const MAX_REPORT_BYTES: u64 = 64 * 1024;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -34,31 +44,129 @@ pub async fn run<S: Stream>(
     conn: &mut GuestConnection<S>,
     spec: &JobSpec,
     board: &StatusBoard,
+    status_socket: &Path,
 ) -> Result<JobResult, ProtocolError> {
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args)
+    let tmpdir = prepare::tmpdir_for(&spec.job_id, std::process::id());
+    let result = run_sandboxed(conn, spec, board, &tmpdir, status_socket, started).await;
+    let _ = tokio::task::spawn_blocking(move || prepare::remove_tmpdir(&tmpdir)).await;
+    result
+}
+
+fn spawn_failed(started: Instant, reason: String, enforcement: Enforcement) -> JobResult {
+    JobResult {
+        outcome: JobOutcome::SpawnFailed { reason },
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        output_bytes: 0,
+        enforcement,
+    }
+}
+
+/// Starts the launcher, which sandboxes itself and execs the job. Returns the child
+/// (now the job) and what the launcher enforced, or why the job did not start.
+async fn launch(
+    spec: &JobSpec,
+    tmpdir: &Path,
+    status_socket: &Path,
+) -> Result<(tokio::process::Child, Enforcement), (String, Enforcement)> {
+    let no_enforcement = |reason: String| (reason, Enforcement::default());
+    let (job_spec, tmp, socket) = (spec.clone(), tmpdir.to_owned(), status_socket.to_owned());
+    let policy = tokio::task::spawn_blocking(move || prepare::prepare(&job_spec, &tmp, &socket))
+        .await
+        .map_err(|e| no_enforcement(format!("cannot sandbox the job: {e}")))?
+        .map_err(|e| no_enforcement(format!("cannot sandbox the job: {e}")))?;
+    let policy_json = serde_json::to_string(&policy).map_err(|e| no_enforcement(format!("sandbox policy: {e}")))?;
+    let (report_rx, report_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| no_enforcement(format!("cannot create the sandbox report pipe: {e}")))?;
+    let report_fd = report_tx.as_raw_fd();
+
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    cmd.arg0("agentlab-agent")
+        .arg(LAUNCHER_SUBCOMMAND)
+        .arg("--report-fd")
+        .arg(report_fd.to_string())
+        .arg("--")
+        .arg(&spec.program)
+        .args(&spec.args)
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", &spec.workdir)
         .env("LANG", "C.UTF-8")
         .env("AGENTLAB_JOB_ID", &spec.job_id)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(AGENT_PID_ENV, std::process::id().to_string())
+        .env(POLICY_ENV, policy_json)
         .current_dir(&spec.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            return Ok(JobResult {
-                outcome: JobOutcome::SpawnFailed { reason: format!("cannot start {:?}: {e}", spec.program) },
-                duration_ms: 0,
-                output_bytes: 0,
-            });
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+    // which is async-signal-safe, on a descriptor that is open in the child (inherited,
+    // close-on-exec until this clears the flag so that the launcher inherits it).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(report_fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    drop(report_tx);
+    let mut child = spawned.map_err(|e| no_enforcement(format!("cannot start the sandbox launcher: {e}")))?;
+
+    // The pipe closes when the launcher execs the job (close-on-exec) or exits.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        let _ = std::fs::File::from(report_rx).take(MAX_REPORT_BYTES).read_to_end(&mut bytes);
+        bytes
+    });
+    let bytes = match tokio::time::timeout(LAUNCH_TIMEOUT, reader).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => return Err(no_enforcement(format!("reading the sandbox report: {e}"))),
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(no_enforcement(format!(
+                "the sandbox launcher did not start the job within {} s",
+                LAUNCH_TIMEOUT.as_secs()
+            )));
         }
+    };
+    let mut enforcement = None;
+    let mut failure = None;
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<LauncherReport>(line) {
+            Ok(LauncherReport::Enforced(e)) => enforcement = Some(e),
+            Ok(LauncherReport::Failed { reason } | LauncherReport::ExecFailed { reason }) => failure = Some(reason),
+            Err(e) => failure = Some(format!("unreadable sandbox report: {e}")),
+        }
+    }
+    match (enforcement, failure) {
+        (Some(enforcement), None) => Ok((child, enforcement)),
+        (enforcement, failure) => {
+            let status = tokio::time::timeout(LAUNCH_TIMEOUT, child.wait()).await;
+            let reason = failure.unwrap_or_else(|| match status {
+                Ok(Ok(status)) => format!("the sandbox launcher ended before enforcing the sandbox ({status})"),
+                _ => "the sandbox launcher ended before enforcing the sandbox".to_owned(),
+            });
+            Err((reason, enforcement.unwrap_or_default()))
+        }
+    }
+}
+
+async fn run_sandboxed<S: Stream>(
+    conn: &mut GuestConnection<S>,
+    spec: &JobSpec,
+    board: &StatusBoard,
+    tmpdir: &Path,
+    status_socket: &Path,
+    started: Instant,
+) -> Result<JobResult, ProtocolError> {
+    let (mut child, enforcement) = match launch(spec, tmpdir, status_socket).await {
+        Ok(launched) => launched,
+        Err((reason, enforcement)) => return Ok(spawn_failed(started, reason, enforcement)),
     };
     let pid = child.id().unwrap_or(0);
     let group = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
@@ -146,7 +254,7 @@ pub async fn run<S: Stream>(
 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = outcome_of(exit, stop);
-    Ok(JobResult { outcome, duration_ms, output_bytes })
+    Ok(JobResult { outcome, duration_ms, output_bytes, enforcement })
 }
 
 fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> JobOutcome {

@@ -2,17 +2,21 @@
 //!
 //! As PID 1 of the micro image it sets the machine up, then runs one job session and
 //! powers off. Elsewhere (a systemd image) `agentlab-agent run` does the session alone.
-//! `agentlab-agent status` asks a running agent what it is doing.
+//! `agentlab-agent status` asks a running agent what it is doing; `agentlab-agent selftest`,
+//! run as a job, shows what the job's sandbox blocks.
 
 mod error;
 mod init;
 mod job;
 mod modules;
+mod sandbox;
+mod selftest;
 mod session;
 mod status;
 mod sysinfo;
 mod upload;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,6 +45,18 @@ enum Command {
         #[arg(long, default_value = STATUS_SOCKET)]
         socket: PathBuf,
     },
+    /// Run as a job: attempt what the job's sandbox should block and print the outcomes.
+    Selftest(selftest::SelftestArgs),
+    /// Internal: sandbox this process as the JSON policy in the environment says, then exec the job.
+    #[command(name = "sandbox-exec", hide = true)]
+    SandboxExec {
+        /// Pipe to report what was enforced on.
+        #[arg(long)]
+        report_fd: i32,
+        /// The job's program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +77,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { json, socket } => status::print_status(&socket, json),
+        Command::Selftest(args) => selftest::run(&args),
+        Command::SandboxExec { report_fd, command } => sandbox::launcher::run(report_fd, &command),
     }
 }
 

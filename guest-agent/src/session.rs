@@ -91,7 +91,7 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
     }
 
     board.set_phase(Phase::Running);
-    let result = job::run(&mut conn, &spec, &board).await?;
+    let result = job::run(&mut conn, &spec, &board, &args.status_socket).await?;
     board.set_phase(Phase::Reporting);
     conn.send(GuestMessage::JobFinished(result)).await?;
     wait_for_shutdown(&mut conn).await;

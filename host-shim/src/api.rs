@@ -1,7 +1,7 @@
 //! The daemon's API on its Unix socket: the same length-prefixed postcard frames as
 //! the guest channel, with these request and response types.
 
-use agentlab_protocol::{Connection, OutputStream};
+use agentlab_protocol::{Connection, Enforcement, OutputStream};
 use serde::{Deserialize, Serialize};
 
 use crate::profile::Profile;
@@ -72,6 +72,8 @@ pub struct JobView {
     pub finished_at_ms: Option<i64>,
     pub duration_ms: Option<u64>,
     pub profile: Option<String>,
+    /// What the guest reported it enforced (untrusted: the guest's own account).
+    pub enforcement: Option<Enforcement>,
     pub events: Vec<EventView>,
 }
 

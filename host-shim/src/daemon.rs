@@ -59,7 +59,8 @@ impl Daemon {
         for dir in [&config.state_dir, &config.jobs_dir(), &config.uploads_dir(), &config.qemu.run_dir] {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
-        let profiles = crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
+        let profiles =
+            crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
         let store = Store::open(&config.db_path())?;
         let daemon = Arc::new(Daemon { config, store, profiles, backend, live: Mutex::new(HashMap::new()) });
         daemon.settle_unfinished()?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab_protocol::transport::hybrid;
-use agentlab_protocol::{AGENT_VSOCK_PORT, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
+use agentlab_protocol::{AGENT_VSOCK_PORT, Enforcement, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
 use tokio::net::UnixStream;
 
 use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
@@ -16,6 +16,34 @@ use crate::joblog::JobLog;
 use crate::profile::Profile;
 use crate::state::{JobState, SandboxState};
 use crate::store::JobEnd;
+
+/// Where the guest keeps file secrets (readable by the job only if the profile says so).
+const GUEST_SECRETS_DIR: &str = "/run/agentlab/secrets";
+
+/// The job's inner sandbox, from its profile.
+fn sandbox_spec(profile: &Profile) -> agentlab_protocol::SandboxSpec {
+    use crate::profile::{LandlockMode, NetworkMode};
+    let policy = &profile.sandbox;
+    agentlab_protocol::SandboxSpec {
+        landlock: match policy.landlock {
+            LandlockMode::Required => agentlab_protocol::LandlockMode::Required,
+            LandlockMode::BestEffort => agentlab_protocol::LandlockMode::BestEffort,
+            LandlockMode::Off => agentlab_protocol::LandlockMode::Off,
+        },
+        user: policy.user.clone(),
+        read_only_paths: policy.read_only_paths.clone(),
+        read_write_paths: policy.read_write_paths.clone(),
+        secrets_dir: policy.secrets_readable.then(|| GUEST_SECRETS_DIR.to_owned()),
+        network_off: !matches!(profile.network.mode, NetworkMode::Nat | NetworkMode::Allowlist),
+        rlimits: agentlab_protocol::Rlimits {
+            nofile: policy.rlimits.nofile,
+            nproc: policy.rlimits.nproc,
+            fsize_mb: policy.rlimits.fsize_mb,
+            cpu_seconds: policy.rlimits.cpu_seconds,
+            core_dumps: policy.rlimits.core_dumps,
+        },
+    }
+}
 
 pub struct QueuedJob {
     pub job_id: String,
@@ -177,6 +205,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
             Some(p) => std::fs::metadata(p).ok().map(|m| m.len()),
             None => None,
         },
+        sandbox: sandbox_spec(&job.profile),
     };
     // The agent enforces the job's timeout; the host only steps in if the guest
     // fails to report well after it.
@@ -219,8 +248,19 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     finish
 }
 
+/// The guest's account of its sandbox, bounded and cleaned before it is stored.
+fn sanitized_enforcement(e: &Enforcement) -> Enforcement {
+    const MAX_NOTES: usize = 16;
+    Enforcement {
+        user: sanitize_guest_text(&e.user),
+        notes: e.notes.iter().take(MAX_NOTES).map(|n| sanitize_guest_text(n)).collect(),
+        ..e.clone()
+    }
+}
+
 fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
-    let mut end = JobEnd { duration_ms: Some(result.duration_ms), output_bytes, ..JobEnd::default() };
+    let enforcement = serde_json::to_string(&sanitized_enforcement(&result.enforcement)).ok();
+    let mut end = JobEnd { duration_ms: Some(result.duration_ms), output_bytes, enforcement, ..JobEnd::default() };
     let (job, sandbox, message) = match &result.outcome {
         JobOutcome::Exited { code: 0 } => {
             end.exit_code = Some(0);

@@ -10,9 +10,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use crate::api::{EventView, JobView, SandboxView};
 use crate::state::{JobState, SandboxState};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// Migrations from version N-1 to N, for N = 2, 3, …; each runs in one transaction.
-const MIGRATIONS: &[&str] = &["ALTER TABLE jobs ADD COLUMN profile TEXT;"];
+const MIGRATIONS: &[&str] =
+    &["ALTER TABLE jobs ADD COLUMN profile TEXT;", "ALTER TABLE jobs ADD COLUMN enforcement TEXT;"];
 const SCHEMA: &str = "
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY,
@@ -92,6 +93,8 @@ pub struct JobEnd {
     pub error: Option<String>,
     pub duration_ms: Option<u64>,
     pub output_bytes: u64,
+    /// What the guest reports it enforced, as JSON.
+    pub enforcement: Option<String>,
 }
 
 pub struct Store {
@@ -225,7 +228,7 @@ impl Store {
             }
             if let Some(end) = end {
                 tx.execute(
-                    "UPDATE jobs SET exit_code = ?2, signal = ?3, error = ?4, duration_ms = ?5, output_bytes = ?6, finished_at = ?7 WHERE id = ?1",
+                    "UPDATE jobs SET exit_code = ?2, signal = ?3, error = ?4, duration_ms = ?5, output_bytes = ?6, finished_at = ?7, enforcement = ?8 WHERE id = ?1",
                     params![
                         id,
                         end.exit_code,
@@ -233,7 +236,8 @@ impl Store {
                         end.error,
                         end.duration_ms.map(|d| i64::try_from(d).unwrap_or(i64::MAX)),
                         i64::try_from(end.output_bytes).unwrap_or(i64::MAX),
-                        now
+                        now,
+                        end.enforcement
                     ],
                 )?;
             }
@@ -345,7 +349,7 @@ impl Store {
 }
 
 const JOB_COLUMNS: &str = "id, sandbox_id, state, command, repo, timeout_ms, exit_code, signal, error, guest_kernel, \
-     agent_version, output_bytes, created_at, started_at, finished_at, duration_ms, profile";
+     agent_version, output_bytes, created_at, started_at, finished_at, duration_ms, profile, enforcement";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, StoreError>> {
     let state: String = r.get(2)?;
@@ -373,6 +377,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, Store
         finished_at_ms: r.get(14)?,
         duration_ms: duration_ms.map(|d| u64::try_from(d).unwrap_or(0)),
         profile: r.get(16)?,
+        enforcement: r.get::<_, Option<String>>(17)?.and_then(|json| serde_json::from_str(&json).ok()),
         events: Vec::new(),
     }))
 }
@@ -464,7 +469,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "the state database {} has schema version 99, newer than this agentlabd (2); upgrade agentlabd",
+                "the state database {} has schema version 99, newer than this agentlabd (3); upgrade agentlabd",
                 path.display()
             )
         );

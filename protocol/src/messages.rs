@@ -70,6 +70,93 @@ pub struct JobSpec {
     pub kill_grace_ms: u64,
     /// If set, a tar stream of this many bytes follows as [`HostMessage::WorkdirChunk`]s.
     pub workdir_upload_bytes: Option<u64>,
+    /// The inner sandbox the agent puts the job in.
+    pub sandbox: SandboxSpec,
+}
+
+/// How strictly Landlock must be enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LandlockMode {
+    /// The job does not start unless the kernel can enforce the file system rules.
+    #[default]
+    Required,
+    /// Enforce what the kernel can; [`Enforcement::notes`] names the rest.
+    BestEffort,
+    /// No Landlock at all.
+    Off,
+}
+
+/// The job's inner sandbox, enforced by the agent between fork and exec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub landlock: LandlockMode,
+    /// The unprivileged user the job runs as (looked up in the guest's `/etc/passwd`).
+    pub user: String,
+    /// Extra absolute paths the job may read and execute.
+    pub read_only_paths: Vec<String>,
+    /// Extra absolute paths the job may read and write.
+    pub read_write_paths: Vec<String>,
+    /// The secrets directory, readable by the job only if set.
+    pub secrets_dir: Option<String>,
+    /// No network for the job: TCP (and UDP where Landlock can) and `AF_INET`/`AF_INET6` sockets refused.
+    pub network_off: bool,
+    pub rlimits: Rlimits,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        SandboxSpec {
+            landlock: LandlockMode::Required,
+            user: "agent".to_owned(),
+            read_only_paths: Vec::new(),
+            read_write_paths: Vec::new(),
+            secrets_dir: None,
+            network_off: true,
+            rlimits: Rlimits::default(),
+        }
+    }
+}
+
+/// Resource limits of the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimits {
+    /// Open files (`RLIMIT_NOFILE`).
+    pub nofile: u64,
+    /// Processes of the job user (`RLIMIT_NPROC`).
+    pub nproc: u64,
+    /// Largest file the job may write, MiB (`RLIMIT_FSIZE`); unlimited if absent.
+    pub fsize_mb: Option<u64>,
+    /// CPU seconds (`RLIMIT_CPU`); unlimited if absent.
+    pub cpu_seconds: Option<u64>,
+    /// Core dumps are off (`RLIMIT_CORE` 0) unless this is true.
+    pub core_dumps: bool,
+}
+
+impl Default for Rlimits {
+    fn default() -> Self {
+        Rlimits { nofile: 4096, nproc: 2048, fsize_mb: None, cpu_seconds: None, core_dumps: false }
+    }
+}
+
+/// What the agent actually enforced on the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    /// Landlock ABI of the guest kernel (0: none).
+    pub landlock_abi: u32,
+    /// File system access restricted by Landlock.
+    pub landlock_fs: bool,
+    /// TCP (and UDP from ABI 8) restricted by Landlock.
+    pub landlock_net: bool,
+    /// Signals and abstract Unix sockets scoped by Landlock.
+    pub landlock_scope: bool,
+    /// The seccomp filter is installed.
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    /// The user the job runs as, and its uid.
+    pub user: String,
+    pub uid: u32,
+    /// What best-effort could not enforce, human-readable.
+    pub notes: Vec<String>,
 }
 
 /// Which of the job's pipes a chunk came from.
@@ -110,6 +197,8 @@ pub struct JobResult {
     pub duration_ms: u64,
     /// Output bytes the agent sent (both streams).
     pub output_bytes: u64,
+    /// The inner sandbox as enforced; default (nothing) if the job never started.
+    pub enforcement: Enforcement,
 }
 
 /// Guest → host.
@@ -133,6 +222,9 @@ pub enum GuestMessage {
 }
 
 /// Host → guest.
+// A session carries one `Job`: its size does not matter, and boxing it would only
+// complicate every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMessage {
     HelloAck(HelloAck),

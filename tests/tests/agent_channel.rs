@@ -8,7 +8,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agentlab_host::channel::{HostSession, SessionError, SessionObserver};
-use agentlab_protocol::{Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk, OutputStream};
+use agentlab_protocol::{
+    Hello, HelloAck, JobOutcome, JobResult, JobSpec, LandlockMode, OutputChunk, OutputStream, SandboxSpec,
+};
 use agentlab_tests::bin;
 
 #[derive(Default)]
@@ -35,6 +37,20 @@ impl SessionObserver for Collected {
         }
         Ok(())
     }
+}
+
+/// The name of the user running the tests, from /etc/passwd.
+fn current_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&uid.to_string().as_str())).then(|| f[0].to_owned())
+        })
+        .unwrap()
 }
 
 struct Harness {
@@ -64,6 +80,14 @@ impl Harness {
             timeout_ms: 30_000,
             kill_grace_ms: 300,
             workdir_upload_bytes: None,
+            // These tests are about the channel: the job runs as whoever runs the tests,
+            // without Landlock (inner_sandbox.rs covers the sandbox).
+            sandbox: SandboxSpec {
+                landlock: LandlockMode::Off,
+                user: current_user(),
+                network_off: false,
+                ..SandboxSpec::default()
+            },
         }
     }
 
@@ -109,6 +133,12 @@ async fn stdout_stderr_env_and_exit_code_zero() {
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(hello.kernel_release, agentlab_tests::host_kernel());
     assert!(seen.pid.is_some());
+    // Even without Landlock the job went through the launcher: seccomp and no_new_privs.
+    let e = &result.enforcement;
+    assert!(e.seccomp && e.no_new_privs && !e.landlock_fs && !e.landlock_net && !e.landlock_scope, "{e:?}");
+    assert_eq!(e.landlock_abi, 7);
+    assert_eq!(e.user, current_user());
+    assert!(e.notes.iter().any(|n| n.starts_with("landlock: off by policy")), "{:?}", e.notes);
 }
 
 #[tokio::test]

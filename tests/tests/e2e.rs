@@ -9,7 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use agentlab_protocol::{Capabilities, GuestMessage, Hello, encode_message};
+use agentlab_protocol::{
+    Capabilities, GuestMessage, Hello, HostMessage, OutputChunk, OutputStream, decode_message, encode_message,
+};
 use agentlab_tests::{Daemon, describe, host_kernel, image_dir};
 use serde_json::Value;
 
@@ -72,6 +74,17 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     assert_eq!(job["exit_code"], 0);
     assert_eq!(job["guest_kernel"], kernel.as_str());
     assert_eq!(job["profile"], "yolo-ephemeral");
+    // What the agent enforced in the Debian 6.1 guest (Landlock ABI 2), as stored by the host.
+    let e = &job["enforcement"];
+    assert_eq!((e["landlock_abi"].as_u64(), e["landlock_fs"].as_bool()), (Some(2), Some(true)), "{e}");
+    assert_eq!((e["landlock_net"].as_bool(), e["landlock_scope"].as_bool()), (Some(false), Some(false)), "{e}");
+    assert_eq!((e["seccomp"].as_bool(), e["no_new_privs"].as_bool()), (Some(true), Some(true)), "{e}");
+    assert_eq!((e["user"].as_str(), e["uid"].as_u64()), (Some("agent"), Some(1000)), "{e}");
+    let shown = stdout(&d.cli(&["job", "show", job["id"].as_str().unwrap()]));
+    assert!(
+        shown.contains("enforced:   user agent (uid 1000), landlock ABI 2 (fs yes, net no, scope no), seccomp yes, no_new_privs yes\n"),
+        "{shown}"
+    );
     let provisioned = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.provisioned").unwrap();
     let shape = provisioned["message"].as_str().unwrap();
     assert!(shape.starts_with("profile yolo-ephemeral: "), "{shape}");
@@ -165,19 +178,75 @@ fn agent_status_in_the_guest_shows_the_channel_job_and_landlock_abi() {
     assert_eq!(status["landlock_abi"], 2, "Debian's 6.1 kernel has Landlock ABI 2");
 }
 
+/// The inner sandbox in the guest (Landlock ABI 2): `agentlab-agent selftest` run as the
+/// job shows each hostile action refused by the layer that can refuse it at that ABI.
+#[test]
+fn the_inner_sandbox_in_the_guest_blocks_what_landlock_abi_2_and_seccomp_can() {
+    let d = Daemon::start();
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "agentlab-agent selftest --json"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    let checks: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    eprintln!("{checks:#}");
+    let check = |name: &str| (checks[name]["outcome"].as_str().unwrap().to_owned(), checks[name]["errno"].clone());
+    // The image's `agent` user (uid 1000), with /workspace handed to it by the agent.
+    assert_eq!(check("whoami").0, "uid=1000(agent)");
+    assert_eq!(check("write-workdir").0, "allowed");
+    assert_eq!(check("write-tmpdir").0, "allowed");
+    // /tmp is a mode-1777 tmpfs: only Landlock (file system rules, ABI 1+) refuses it.
+    assert_eq!(check("write-outside-roots"), ("blocked (EACCES)".to_owned(), Value::from("EACCES")));
+    // The profile does not let the job read secrets, and the guest has none yet.
+    assert_eq!(check("read-secrets-dir").0, "not-present");
+    // seccomp refuses socket(AF_VSOCK) and ptrace whatever the Landlock ABI.
+    assert_eq!(check("vsock-connect-host"), ("blocked (EPERM)".to_owned(), Value::from("EPERM")));
+    assert_eq!(check("ptrace-attach"), ("blocked (EPERM)".to_owned(), Value::from("EPERM")));
+    // ABI 2 has no signal scoping (ABI 6), but the agent runs as root and the job as
+    // uid 1000, so kill(2)'s own permission check refuses it.
+    assert_eq!(check("signal-agent"), ("blocked (EPERM)".to_owned(), Value::from("EPERM")));
+    // The profile's network is `nat`, so the sandbox lets TCP through; the guest's
+    // loopback is down, so the kernel's routing (not the sandbox) answers.
+    assert_eq!(check("tcp-connect"), ("allowed (ENETUNREACH)".to_owned(), Value::from("ENETUNREACH")));
+}
+
+/// A job cannot make the real agent drop the channel any more (its sandbox refuses
+/// `kill` of the agent: see the selftest above), so a fake guest plays the agent that
+/// disconnects: handshake, job started, some output, then gone.
 #[test]
 fn a_guest_agent_that_disconnects_mid_job_fails_the_job_with_that_reason() {
     let d = Daemon::start();
-    // The job kills its agent (its parent): the guest's end of the channel drops.
-    let out = d.cli(&["job", "submit", "--follow", "--cmd", "uname -r; sleep 1; kill -9 $PPID; sleep 60"]);
-    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
-    assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
-    let job = d.job_json(&only_job_id(&d));
+    let (job_id, mut fake) = hijack_agent_socket(&d, "sleep 60");
+    let hello = Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities::ALL,
+        agent_version: "0.1.0".into(),
+        kernel_release: "fake".into(),
+        landlock_abi: 2,
+    };
+    fake.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap()).unwrap();
+    fake.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert!(matches!(read_frame(&mut fake), HostMessage::HelloAck(_)));
+    assert!(matches!(read_frame(&mut fake), HostMessage::Job(spec) if spec.args == ["-c", "sleep 60"]));
+    fake.write_all(&encode_message(&GuestMessage::JobStarted { pid: 42 }).unwrap()).unwrap();
+    let chunk = OutputChunk { seq: 0, stream: OutputStream::Stdout, data: b"partial output\n".to_vec() };
+    fake.write_all(&encode_message(&GuestMessage::Output(chunk)).unwrap()).unwrap();
+    assert!(matches!(read_frame(&mut fake), HostMessage::OutputAck { seq: 0 }));
+    drop(fake);
+
+    let job = wait_for_end(&d, &job_id);
     assert_eq!(job["state"], "FAILED");
     let error = job["error"].as_str().unwrap();
     assert!(error.ends_with("the guest agent disconnected while the job was running"), "{error}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("the guest agent disconnected while the job was running"));
+    assert_eq!(job["output_bytes"], 15);
     assert_cleaned_up(&d, &job);
+}
+
+/// Reads one host frame as a fake guest.
+fn read_frame(stream: &mut UnixStream) -> HostMessage {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut payload).unwrap();
+    decode_message(&payload).unwrap()
 }
 
 /// Connects as a fake guest to a sandbox's agent socket before the real guest boots.

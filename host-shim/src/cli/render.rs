@@ -54,6 +54,26 @@ pub fn job_detail(job: &JobView) -> String {
         field("guest", &format!("kernel {kernel}, agent {agent}"));
     }
     field("output", &format!("{} bytes", job.output_bytes));
+    if let Some(e) = &job.enforcement {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        field(
+            "enforced",
+            &format!(
+                "user {} (uid {}), landlock ABI {} (fs {}, net {}, scope {}), seccomp {}, no_new_privs {}",
+                e.user,
+                e.uid,
+                e.landlock_abi,
+                yes(e.landlock_fs),
+                yes(e.landlock_net),
+                yes(e.landlock_scope),
+                yes(e.seccomp),
+                yes(e.no_new_privs)
+            ),
+        );
+        for note in &e.notes {
+            field("  note", note);
+        }
+    }
     field("created", &time(job.created_at_ms));
     if let Some(error) = &job.error {
         field("error", error);
