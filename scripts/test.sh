@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build
-cargo test --workspace "$@" 2>&1 | tee build/test.log
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee build/test.log
 status=${PIPESTATUS[0]}
 awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' build/test.log

@@ -68,6 +68,7 @@ async fn launch(
     spec: &JobSpec,
     tmpdir: &Path,
     status_socket: &Path,
+    board: &StatusBoard,
 ) -> Result<(tokio::process::Child, Enforcement), (String, Enforcement)> {
     let no_enforcement = |reason: String| (reason, Enforcement::default());
     let (job_spec, tmp, socket) = (spec.clone(), tmpdir.to_owned(), status_socket.to_owned());
@@ -116,6 +117,13 @@ async fn launch(
     let spawned = cmd.spawn();
     drop(report_tx);
     let mut child = spawned.map_err(|e| no_enforcement(format!("cannot start the sandbox launcher: {e}")))?;
+    // Published at once: the job may ask `agentlab-agent status` as its very first act.
+    let pid = child.id().unwrap_or(0);
+    board.update(|s| {
+        if let Some(job) = s.job.as_mut() {
+            job.pid = Some(pid);
+        }
+    });
 
     // The pipe closes when the launcher execs the job (close-on-exec) or exits.
     let reader = tokio::task::spawn_blocking(move || {
@@ -164,17 +172,12 @@ async fn run_sandboxed<S: Stream>(
     status_socket: &Path,
     started: Instant,
 ) -> Result<JobResult, ProtocolError> {
-    let (mut child, enforcement) = match launch(spec, tmpdir, status_socket).await {
+    let (mut child, enforcement) = match launch(spec, tmpdir, status_socket, board).await {
         Ok(launched) => launched,
         Err((reason, enforcement)) => return Ok(spawn_failed(started, reason, enforcement)),
     };
     let pid = child.id().unwrap_or(0);
     let group = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
-    board.update(|s| {
-        if let Some(job) = s.job.as_mut() {
-            job.pid = Some(pid);
-        }
-    });
     conn.send(GuestMessage::JobStarted { pid }).await?;
 
     let (tx, mut rx) = mpsc::channel::<(OutputStream, Vec<u8>)>(4);
