@@ -20,7 +20,7 @@ use agentlab_protocol::transport::hybrid;
 use agentlab_protocol::{AGENT_VSOCK_PORT, HostConnection, HostMessage, host_handshake};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BOOT_RUNS: usize = 5;
+const BOOT_RUNS: usize = 7;
 const SUBMIT_RUNS: usize = 3;
 
 struct Args {
