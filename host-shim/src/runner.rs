@@ -22,26 +22,16 @@ const GUEST_SECRETS_DIR: &str = "/run/agentlab/secrets";
 
 /// The job's inner sandbox, from its profile.
 fn sandbox_spec(profile: &Profile) -> agentlab_protocol::SandboxSpec {
-    use crate::profile::{LandlockMode, NetworkMode};
+    use crate::profile::NetworkMode;
     let policy = &profile.sandbox;
     agentlab_protocol::SandboxSpec {
-        landlock: match policy.landlock {
-            LandlockMode::Required => agentlab_protocol::LandlockMode::Required,
-            LandlockMode::BestEffort => agentlab_protocol::LandlockMode::BestEffort,
-            LandlockMode::Off => agentlab_protocol::LandlockMode::Off,
-        },
+        landlock: policy.landlock,
         user: policy.user.clone(),
         read_only_paths: policy.read_only_paths.clone(),
         read_write_paths: policy.read_write_paths.clone(),
         secrets_dir: policy.secrets_readable.then(|| GUEST_SECRETS_DIR.to_owned()),
         network_off: !matches!(profile.network.mode, NetworkMode::Nat | NetworkMode::Allowlist),
-        rlimits: agentlab_protocol::Rlimits {
-            nofile: policy.rlimits.nofile,
-            nproc: policy.rlimits.nproc,
-            fsize_mb: policy.rlimits.fsize_mb,
-            cpu_seconds: policy.rlimits.cpu_seconds,
-            core_dumps: policy.rlimits.core_dumps,
-        },
+        rlimits: policy.rlimits.clone(),
     }
 }
 

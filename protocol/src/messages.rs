@@ -74,8 +74,10 @@ pub struct JobSpec {
     pub sandbox: SandboxSpec,
 }
 
-/// How strictly Landlock must be enforced.
+/// How strictly Landlock must be enforced. Also the `sandbox.landlock` key of a
+/// profile, hence the YAML spelling (postcard ignores names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LandlockMode {
     /// The job does not start unless the kernel can enforce the file system rules.
     #[default]
@@ -117,8 +119,10 @@ impl Default for SandboxSpec {
     }
 }
 
-/// Resource limits of the job.
+/// Resource limits of the job. Also the `sandbox.rlimits` section of a profile, where
+/// absent keys take the defaults below and unknown keys are refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Rlimits {
     /// Open files (`RLIMIT_NOFILE`).
     pub nofile: u64,

@@ -155,3 +155,62 @@ pub fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Everything a host session saw from an agent during one job.
+#[derive(Default)]
+pub struct SessionRecord {
+    pub hello: Option<agentlab_protocol::Hello>,
+    pub pid: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub chunks: u64,
+}
+
+impl agentlab_host::channel::SessionObserver for SessionRecord {
+    fn handshake_done(&mut self, hello: &agentlab_protocol::Hello, _ack: &agentlab_protocol::HelloAck) {
+        self.hello = Some(hello.clone());
+    }
+    fn job_started(&mut self, pid: u32) {
+        self.pid = Some(pid);
+    }
+    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<()> {
+        self.chunks += 1;
+        match chunk.stream {
+            agentlab_protocol::OutputStream::Stdout => self.stdout.extend_from_slice(&chunk.data),
+            agentlab_protocol::OutputStream::Stderr => self.stderr.extend_from_slice(&chunk.data),
+        }
+        Ok(())
+    }
+}
+
+/// Runs the real agent binary on this host, dialing a Unix socket in `dir` (its status
+/// socket is `dir/status.sock`), and drives one job through the real host session.
+/// Returns the session's result, what it saw, and how the agent process exited.
+pub async fn run_agent_job(
+    dir: &Path,
+    spec: agentlab_protocol::JobSpec,
+    upload: Option<&Path>,
+) -> (Result<agentlab_protocol::JobResult, agentlab_host::channel::SessionError>, SessionRecord, std::process::ExitStatus)
+{
+    let sock = dir.join("agent.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let mut agent = tokio::process::Command::new(bin("agentlab-agent"))
+        .arg("run")
+        .arg("--unix")
+        .arg(&sock)
+        .arg("--status-socket")
+        .arg(dir.join("status.sock"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
+    let mut session = agentlab_host::channel::HostSession::new(stream);
+    let mut seen = SessionRecord::default();
+    let result = session.run("sb-test", spec, upload, &mut seen).await;
+    session.shutdown().await;
+    drop(session);
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
+    (result, seen, status)
+}

@@ -4,40 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agentlab_host::channel::{HostSession, SessionError, SessionObserver};
-use agentlab_protocol::{
-    Hello, HelloAck, JobOutcome, JobResult, JobSpec, LandlockMode, OutputChunk, OutputStream, SandboxSpec,
-};
-use agentlab_tests::bin;
-
-#[derive(Default)]
-struct Collected {
-    hello: Option<Hello>,
-    pid: Option<u32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    chunks: u64,
-}
-
-impl SessionObserver for Collected {
-    fn handshake_done(&mut self, hello: &Hello, _ack: &HelloAck) {
-        self.hello = Some(hello.clone());
-    }
-    fn job_started(&mut self, pid: u32) {
-        self.pid = Some(pid);
-    }
-    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()> {
-        self.chunks += 1;
-        match chunk.stream {
-            OutputStream::Stdout => self.stdout.extend_from_slice(&chunk.data),
-            OutputStream::Stderr => self.stderr.extend_from_slice(&chunk.data),
-        }
-        Ok(())
-    }
-}
+use agentlab_host::channel::SessionError;
+use agentlab_protocol::{JobOutcome, JobResult, JobSpec, LandlockMode, SandboxSpec};
+use agentlab_tests::{SessionRecord, bin, run_agent_job};
 
 /// The name of the user running the tests, from /etc/passwd.
 fn current_user() -> String {
@@ -91,27 +62,8 @@ impl Harness {
         }
     }
 
-    async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, Collected) {
-        let sock = self.dir.path().join("agent.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let mut agent = tokio::process::Command::new(bin("agentlab-agent"))
-            .arg("run")
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--status-socket")
-            .arg(self.status_socket())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
-        let mut session = HostSession::new(stream);
-        let mut seen = Collected::default();
-        let result = session.run("sb-test", spec, upload, &mut seen).await;
-        session.shutdown().await;
-        drop(session);
-        let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
+    async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, SessionRecord) {
+        let (result, seen, status) = run_agent_job(self.dir.path(), spec, upload).await;
         if result.is_ok() {
             assert!(status.success(), "agent exited with {status}");
         }

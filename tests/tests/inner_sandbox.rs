@@ -8,36 +8,13 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
-use agentlab_host::channel::{HostSession, SessionError, SessionObserver};
-use agentlab_protocol::{
-    Enforcement, Hello, HelloAck, JobOutcome, JobResult, JobSpec, LandlockMode, OutputChunk, OutputStream, Rlimits,
-    SandboxSpec,
-};
-use agentlab_tests::bin;
+use agentlab_host::channel::SessionError;
+use agentlab_protocol::{Enforcement, JobOutcome, JobResult, JobSpec, LandlockMode, Rlimits, SandboxSpec};
+use agentlab_tests::{SessionRecord, bin, run_agent_job};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
-
-#[derive(Default)]
-struct Collected {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-impl SessionObserver for Collected {
-    fn handshake_done(&mut self, _hello: &Hello, _ack: &HelloAck) {}
-    fn job_started(&mut self, _pid: u32) {}
-    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()> {
-        match chunk.stream {
-            OutputStream::Stdout => self.stdout.extend_from_slice(&chunk.data),
-            OutputStream::Stderr => self.stderr.extend_from_slice(&chunk.data),
-        }
-        Ok(())
-    }
-}
 
 fn running_as_root() -> bool {
     let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
@@ -100,27 +77,8 @@ impl Harness {
         }
     }
 
-    async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, Collected) {
-        let sock = self.dir.path().join("agent.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let mut agent = tokio::process::Command::new(bin("agentlab-agent"))
-            .arg("run")
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--status-socket")
-            .arg(self.dir.path().join("status.sock"))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
-        let mut session = HostSession::new(stream);
-        let mut seen = Collected::default();
-        let result = session.run("sb-test", spec, upload, &mut seen).await;
-        session.shutdown().await;
-        drop(session);
-        let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
+    async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, SessionRecord) {
+        let (result, seen, status) = run_agent_job(self.dir.path(), spec, upload).await;
         assert!(status.success(), "agent exited with {status}");
         (result, seen)
     }

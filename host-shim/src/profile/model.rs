@@ -1,5 +1,6 @@
 //! The profile schema, with the Go predecessor's sections and meanings, plus `sandbox`.
 
+pub use agentlab_protocol::{LandlockMode, Rlimits};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,17 +134,6 @@ fn default_artifact_cap() -> u32 {
     512
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LandlockMode {
-    /// Fail the job before it starts if the guest kernel cannot enforce the policy.
-    #[default]
-    Required,
-    /// Enforce what the kernel can and record the difference.
-    BestEffort,
-    Off,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxPolicy {
@@ -181,44 +171,4 @@ impl Default for SandboxPolicy {
 
 fn default_user() -> String {
     "agent".to_owned()
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rlimits {
-    /// Open files (RLIMIT_NOFILE).
-    #[serde(default = "default_nofile")]
-    pub nofile: u64,
-    /// Processes of the job user (RLIMIT_NPROC).
-    #[serde(default = "default_nproc")]
-    pub nproc: u64,
-    /// Largest file the job may write, MiB (RLIMIT_FSIZE); none if absent.
-    #[serde(default)]
-    pub fsize_mb: Option<u64>,
-    /// CPU seconds (RLIMIT_CPU); none if absent.
-    #[serde(default)]
-    pub cpu_seconds: Option<u64>,
-    /// Core dumps are off unless this is true (RLIMIT_CORE).
-    #[serde(default)]
-    pub core_dumps: bool,
-}
-
-impl Default for Rlimits {
-    fn default() -> Self {
-        Rlimits {
-            nofile: default_nofile(),
-            nproc: default_nproc(),
-            fsize_mb: None,
-            cpu_seconds: None,
-            core_dumps: false,
-        }
-    }
-}
-
-fn default_nofile() -> u64 {
-    4096
-}
-
-fn default_nproc() -> u64 {
-    2048
 }
