@@ -15,7 +15,7 @@ use crate::daemon::Daemon;
 use crate::joblog::JobLog;
 use crate::profile::Profile;
 use crate::state::{JobState, SandboxState};
-use crate::store::JobEnd;
+use crate::store::{JobEnd, Store};
 
 /// Where the guest keeps file secrets (readable by the job only if the profile says so).
 const GUEST_SECRETS_DIR: &str = "/run/agentlab/secrets";
@@ -64,12 +64,24 @@ impl Finish {
     }
 }
 
+/// Records a sandbox state change. The runner cannot undo the change in the world if
+/// recording it fails (illegal transition, database gone), so it logs and carries on.
+fn set_sandbox(store: &Store, id: &str, to: SandboxState, message: Option<&str>) {
+    if let Err(e) = store.transition_sandbox(id, to, message) {
+        tracing::error!(sandbox = id, "recording {to}: {e}");
+    }
+}
+
+/// Records a job state change; see [`set_sandbox`].
+fn set_job(store: &Store, id: &str, to: JobState, end: Option<&JobEnd>, message: Option<&str>) {
+    if let Err(e) = store.transition_job(id, to, end, message) {
+        tracing::error!(job = id, "recording {to}: {e}");
+    }
+}
+
 pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
     let finish = drive(&daemon, &job).await;
-    let store = &daemon.store;
-    if let Err(e) = store.transition_job(&job.job_id, finish.job, Some(&finish.end), Some(&finish.message)) {
-        tracing::error!(job = %job.job_id, "recording the job's end: {e}");
-    }
+    set_job(&daemon.store, &job.job_id, finish.job, Some(&finish.end), Some(&finish.message));
     job.log.close();
     daemon.job_done(&job.job_id);
     if let Some(upload) = &job.upload {
@@ -82,11 +94,7 @@ pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
 async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
-    let record = |to: SandboxState, msg: Option<&str>| {
-        if let Err(e) = store.transition_sandbox(sb, to, msg) {
-            tracing::error!(sandbox = sb, "{e}");
-        }
-    };
+    let record = |to: SandboxState, msg: Option<&str>| set_sandbox(store, sb, to, msg);
 
     record(SandboxState::Provisioning, None);
     let provisioned = async {
@@ -152,9 +160,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
             return Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}"));
         }
     };
-    if let Err(e) = store.transition_sandbox(sb, SandboxState::Booting, None) {
-        tracing::error!("{e}");
-    }
+    set_sandbox(store, sb, SandboxState::Booting, None);
     if let Err(e) = vm.boot().await {
         return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
@@ -300,20 +306,14 @@ impl SessionObserver for Observer<'_> {
         let agent = sanitize_guest_text(&hello.agent_version);
         let _ = store.set_guest_info(&self.job.job_id, &kernel, &agent);
         let msg = format!("agent {agent} on kernel {kernel}, protocol v{}", ack.version);
-        if let Err(e) = store.transition_sandbox(&self.job.sandbox_id, SandboxState::Ready, Some(&msg)) {
-            tracing::error!("{e}");
-        }
+        set_sandbox(store, &self.job.sandbox_id, SandboxState::Ready, Some(&msg));
     }
 
     fn job_started(&mut self, pid: u32) {
         let store = &self.daemon.store;
         let msg = format!("guest pid {pid}");
-        if let Err(e) = store.transition_sandbox(&self.job.sandbox_id, SandboxState::Running, None) {
-            tracing::error!("{e}");
-        }
-        if let Err(e) = store.transition_job(&self.job.job_id, JobState::Running, None, Some(&msg)) {
-            tracing::error!("{e}");
-        }
+        set_sandbox(store, &self.job.sandbox_id, SandboxState::Running, None);
+        set_job(store, &self.job.job_id, JobState::Running, None, Some(&msg));
     }
 
     fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()> {

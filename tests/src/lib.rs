@@ -22,9 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The micro image built by `make image`.
 pub fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("AGENTLAB_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("build/image"));
+    let dir = image_dir_or_missing();
     assert!(
         dir.join("vmlinux").is_file() && dir.join("initrd.img").is_file(),
         "the micro image is not built in {}: run `make image` (make test does)",

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentlab_host::channel::SessionError;
-use agentlab_protocol::{JobOutcome, JobResult, JobSpec, LandlockMode, SandboxSpec};
+use agentlab_protocol::{CHUNK_WINDOW, JobOutcome, JobResult, JobSpec, LandlockMode, MAX_CHUNK_LEN, SandboxSpec};
 use agentlab_tests::{SessionRecord, bin, run_agent_job};
 
 /// The name of the user running the tests, from /etc/passwd.
@@ -137,14 +137,14 @@ async fn background_children_do_not_hold_the_job_open() {
 #[tokio::test]
 async fn large_output_arrives_complete_and_in_order_through_the_window() {
     let h = Harness::new();
-    let (result, seen) = h.run(h.spec("seq 1 300000"), None).await;
+    let (result, seen) = h.run(h.spec("seq 1 1000000"), None).await;
     assert_eq!(result.unwrap().outcome, JobOutcome::Exited { code: 0 });
-    let expected: String = (1..=300_000).map(|n| format!("{n}\n")).collect();
+    let expected: String = (1..=1_000_000).map(|n| format!("{n}\n")).collect();
     assert_eq!(seen.stdout.len(), expected.len());
     assert!(seen.stdout == expected.as_bytes());
-    // ~2 MB cannot fit in the 64-chunk window of 64 KiB... unless acknowledged; it also
-    // cannot be one chunk.
-    assert!(seen.chunks > 1);
+    // ~6.9 MB is more than the 64 × 64 KiB window: the agent had to wait for acks.
+    assert!(expected.len() > (CHUNK_WINDOW as usize) * MAX_CHUNK_LEN);
+    assert!(seen.chunks > CHUNK_WINDOW, "{} chunks", seen.chunks);
 }
 
 #[tokio::test]

@@ -98,7 +98,7 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     );
     assert_cleaned_up(&d, &job);
 
-    // The stored output can be followed again after the fact, identically.
+    // `job show` reads the same record back as text.
     let again = d.cli(&["job", "show", job["id"].as_str().unwrap()]);
     assert!(stdout(&again).contains("state:      COMPLETED\n"), "{}", describe(&again));
 }
