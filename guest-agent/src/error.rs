@@ -15,4 +15,12 @@ pub enum AgentError {
     Upload(String),
     /// cannot start the async runtime: {0}
     Runtime(io::Error),
+    /// cannot watch for SIGTERM: {0}
+    Signal(io::Error),
+    /// stopped by SIGTERM; the job was killed and its secrets wiped
+    Terminated,
+    /// the host refused the job's secrets: {0}
+    SecretsRefused(String),
+    /// cannot put the job's secrets in place: {0}
+    Secrets(String),
 }

@@ -2,9 +2,10 @@
 //! it runs, wall-clock timeout (SIGTERM, then SIGKILL after the grace period), and
 //! cancellation from the host. The job starts inside its sandbox (see [`crate::sandbox`]).
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use agentlab_protocol::{
     CHUNK_WINDOW, Enforcement, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec,
     MAX_CHUNK_LEN, OutputChunk, OutputStream, ProtocolError,
 };
+use agentlab_redact::{RedactStream, Redactor};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -27,6 +29,9 @@ use crate::status::StatusBoard;
 /// agent stops reading them (a daemon that escaped the process group holds them).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
+/// How long output that could be the start of a secret is held before it is released.
+const FLUSH_IDLE: Duration = Duration::from_millis(200);
+
 /// How long the launcher may take to sandbox itself and exec the job.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Cap on what the agent reads from the report pipe.
@@ -40,15 +45,23 @@ enum StopReason {
     Cancel,
 }
 
+/// What the job gets of its secrets: the launcher's directory of environment secrets,
+/// and the redactor every output byte passes through before it leaves the guest.
+pub struct JobSecrets {
+    pub env_dir: Option<PathBuf>,
+    pub redactor: Redactor,
+}
+
 pub async fn run<S: Stream>(
     conn: &mut GuestConnection<S>,
     spec: &JobSpec,
     board: &StatusBoard,
     status_socket: &Path,
+    secrets: &JobSecrets,
 ) -> Result<JobResult, ProtocolError> {
     let started = Instant::now();
     let tmpdir = prepare::tmpdir_for(&spec.job_id, std::process::id());
-    let result = run_sandboxed(conn, spec, board, &tmpdir, status_socket, started).await;
+    let result = run_sandboxed(conn, spec, board, &tmpdir, status_socket, secrets, started).await;
     let _ = tokio::task::spawn_blocking(move || prepare::remove_tmpdir(&tmpdir)).await;
     result
 }
@@ -68,11 +81,13 @@ async fn launch(
     spec: &JobSpec,
     tmpdir: &Path,
     status_socket: &Path,
+    env_secrets_dir: Option<&Path>,
     board: &StatusBoard,
 ) -> Result<(tokio::process::Child, Enforcement), (String, Enforcement)> {
     let no_enforcement = |reason: String| (reason, Enforcement::default());
     let (job_spec, tmp, socket) = (spec.clone(), tmpdir.to_owned(), status_socket.to_owned());
-    let policy = tokio::task::spawn_blocking(move || prepare::prepare(&job_spec, &tmp, &socket))
+    let env_dir = env_secrets_dir.map(Path::to_owned);
+    let policy = tokio::task::spawn_blocking(move || prepare::prepare(&job_spec, &tmp, &socket, env_dir.as_deref()))
         .await
         .map_err(|e| no_enforcement(format!("cannot sandbox the job: {e}")))?
         .map_err(|e| no_enforcement(format!("cannot sandbox the job: {e}")))?;
@@ -170,9 +185,11 @@ async fn run_sandboxed<S: Stream>(
     board: &StatusBoard,
     tmpdir: &Path,
     status_socket: &Path,
+    secrets: &JobSecrets,
     started: Instant,
 ) -> Result<JobResult, ProtocolError> {
-    let (mut child, enforcement) = match launch(spec, tmpdir, status_socket, board).await {
+    let launched = launch(spec, tmpdir, status_socket, secrets.env_dir.as_deref(), board).await;
+    let (mut child, enforcement) = match launched {
         Ok(launched) => launched,
         Err((reason, enforcement)) => return Ok(spawn_failed(started, reason, enforcement)),
     };
@@ -193,6 +210,7 @@ async fn run_sandboxed<S: Stream>(
     let grace = Duration::from_millis(spec.kill_grace_ms);
     let far_future = started + Duration::from_secs(86_400 * 365);
 
+    let mut output = RedactedOutput::new(&secrets.redactor);
     let mut next_seq: u64 = 0;
     let mut acked: u64 = 0; // chunks acknowledged
     let mut output_bytes: u64 = 0;
@@ -205,8 +223,16 @@ async fn run_sandboxed<S: Stream>(
     let wait = child.wait();
     tokio::pin!(wait);
 
-    while exit.is_none() || pipes_open {
-        let window_open = next_seq - acked < CHUNK_WINDOW;
+    while exit.is_none() || pipes_open || !output.outbox.is_empty() {
+        // Send what the window allows; read more from the job only once all is sent.
+        while next_seq - acked < CHUNK_WINDOW
+            && let Some((stream, data)) = output.outbox.pop_front()
+        {
+            output_bytes += data.len() as u64;
+            conn.send(GuestMessage::Output(OutputChunk { seq: next_seq, stream, data })).await?;
+            next_seq += 1;
+        }
+        let can_read = output.outbox.is_empty() && next_seq - acked < CHUNK_WINDOW;
         tokio::select! {
             msg = conn.recv() => match msg? {
                 Some(HostMessage::OutputAck { seq }) => acked = acked.max(seq.saturating_add(1)).min(next_seq),
@@ -222,14 +248,14 @@ async fn run_sandboxed<S: Stream>(
                     return Err(ProtocolError::Closed { waiting_for: "output acknowledgements" });
                 }
             },
-            chunk = rx.recv(), if window_open && pipes_open => match chunk {
-                Some((stream, data)) => {
-                    output_bytes += data.len() as u64;
-                    conn.send(GuestMessage::Output(OutputChunk { seq: next_seq, stream, data })).await?;
-                    next_seq += 1;
+            chunk = rx.recv(), if can_read && pipes_open => match chunk {
+                Some((stream, data)) => output.push(stream, &data),
+                None => {
+                    pipes_open = false;
+                    output.flush();
                 }
-                None => pipes_open = false,
             },
+            () = sleep_until(output.flush_at.unwrap_or(far_future)), if output.flush_at.is_some() => output.flush(),
             status = &mut wait, if exit.is_none() => {
                 exit = Some(status.map_err(|e| ProtocolError::io("waiting for the job", e))?);
                 // Whatever the job left running in its group goes with it.
@@ -248,9 +274,10 @@ async fn run_sandboxed<S: Stream>(
                 let _ = killpg(group, Signal::SIGKILL);
                 kill_at = None;
             }
-            () = sleep_until(drain_until.unwrap_or(far_future)), if drain_until.is_some() => {
+            () = sleep_until(drain_until.unwrap_or(far_future)), if drain_until.is_some() && pipes_open => {
                 tracing::warn!("job output pipes still open {} s after exit; not reading further", DRAIN_AFTER_EXIT.as_secs());
                 pipes_open = false;
+                output.flush();
             }
         }
     }
@@ -258,6 +285,57 @@ async fn run_sandboxed<S: Stream>(
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = outcome_of(exit, stop);
     Ok(JobResult { outcome, duration_ms, output_bytes, enforcement })
+}
+
+/// The job's two output streams after redaction, cut into chunks the channel takes.
+///
+/// A stream holds back only what could still be the start of a secret, so line-oriented
+/// output is released as it comes. What is held is released after [`FLUSH_IDLE`] without
+/// more output, so a prompt or progress line is not stuck behind a possible secret prefix.
+struct RedactedOutput<'r> {
+    stdout: RedactStream<'r>,
+    stderr: RedactStream<'r>,
+    outbox: VecDeque<(OutputStream, Vec<u8>)>,
+    flush_at: Option<Instant>,
+}
+
+impl<'r> RedactedOutput<'r> {
+    fn new(redactor: &'r Redactor) -> Self {
+        RedactedOutput { stdout: redactor.stream(), stderr: redactor.stream(), outbox: VecDeque::new(), flush_at: None }
+    }
+
+    fn push(&mut self, stream: OutputStream, data: &[u8]) {
+        let mut out = Vec::with_capacity(data.len());
+        match stream {
+            OutputStream::Stdout => self.stdout.push(data, &mut out),
+            OutputStream::Stderr => self.stderr.push(data, &mut out),
+        }
+        self.enqueue(stream, out);
+        self.flush_at = (self.stdout.held() + self.stderr.held() > 0).then(|| Instant::now() + FLUSH_IDLE);
+    }
+
+    fn flush(&mut self) {
+        for stream in [OutputStream::Stdout, OutputStream::Stderr] {
+            let mut out = Vec::new();
+            match stream {
+                OutputStream::Stdout => self.stdout.flush(&mut out),
+                OutputStream::Stderr => self.stderr.flush(&mut out),
+            }
+            self.enqueue(stream, out);
+        }
+        self.flush_at = None;
+    }
+
+    /// Queues `data` in chunks of at most [`MAX_CHUNK_LEN`]: redaction can lengthen it.
+    fn enqueue(&mut self, stream: OutputStream, data: Vec<u8>) {
+        if data.len() <= MAX_CHUNK_LEN {
+            if !data.is_empty() {
+                self.outbox.push_back((stream, data));
+            }
+            return;
+        }
+        self.outbox.extend(data.chunks(MAX_CHUNK_LEN).map(|piece| (stream, piece.to_vec())));
+    }
 }
 
 fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> JobOutcome {

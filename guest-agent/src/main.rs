@@ -10,6 +10,7 @@ mod init;
 mod job;
 mod modules;
 mod sandbox;
+mod secrets;
 mod selftest;
 mod session;
 mod status;

@@ -5,12 +5,14 @@ use std::time::{Duration, Instant};
 
 use agentlab_protocol::transport::vsock;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HostMessage, MIN_PROTOCOL_VERSION,
-    MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
+    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HelloAck, HostMessage, JobSpec,
+    MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
 };
+use agentlab_redact::Redactor;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::AgentError;
+use crate::secrets::{self, SECRETS_DIR, SecretsDir};
 use crate::status::{JobStatus, Phase, StatusBoard};
 use crate::{STATUS_SOCKET, job, sysinfo, upload};
 
@@ -34,11 +36,20 @@ pub struct RunArgs {
     /// Where to answer `agentlab-agent status`.
     #[arg(long, default_value = STATUS_SOCKET)]
     pub status_socket: PathBuf,
+    /// Where to mount the job's secrets tmpfs.
+    #[arg(long, default_value = SECRETS_DIR)]
+    pub secrets_dir: PathBuf,
 }
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self { cid: HOST_CID, port: AGENT_VSOCK_PORT, unix: None, status_socket: PathBuf::from(STATUS_SOCKET) }
+        Self {
+            cid: HOST_CID,
+            port: AGENT_VSOCK_PORT,
+            unix: None,
+            status_socket: PathBuf::from(STATUS_SOCKET),
+            secrets_dir: PathBuf::from(SECRETS_DIR),
+        }
     }
 }
 
@@ -55,7 +66,11 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         None => format!("vsock:{}:{}", args.cid, args.port),
     };
     let board = StatusBoard::new(target.clone());
+    board.update(|s| s.secrets = secrets::none_status(&args.secrets_dir));
     tokio::spawn(crate::status::serve(args.status_socket.clone(), board.clone()));
+    // Installed before anything else can fail, so a stop request always finds it.
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AgentError::Signal)?;
 
     let stream = connect(&args, &target).await?;
     let mut conn = GuestConnection::new(stream);
@@ -84,19 +99,88 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
     };
     board.update(|s| s.job = Some(JobStatus { id: spec.job_id.clone(), phase: Phase::ReceivingWorkdir, pid: None }));
 
-    let workdir = Path::new(&spec.workdir);
-    if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
-        let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
-        return Err(err);
+    let (mut installed, redactor) = match take_secrets(&mut conn, &ack, &args.secrets_dir, &spec).await {
+        Ok(taken) => taken,
+        Err(err) => {
+            let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
+            return Err(err);
+        }
+    };
+    if let Some(dir) = &installed {
+        board.update(|s| s.secrets = dir.status.clone());
     }
+    let env_dir = installed.as_ref().map(SecretsDir::env_dir);
 
-    board.set_phase(Phase::Running);
-    let result = job::run(&mut conn, &spec, &board, &args.status_socket).await?;
+    let session = async {
+        let workdir = Path::new(&spec.workdir);
+        if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
+            let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
+            return Err(err);
+        }
+        board.set_phase(Phase::Running);
+        let secrets = job::JobSecrets { env_dir, redactor };
+        Ok(job::run(&mut conn, &spec, &board, &args.status_socket, &secrets).await?)
+    };
+    let ran = tokio::select! {
+        ran = session => ran,
+        _ = terminate.recv() => {
+            // The session future (and the job's main process, kill_on_drop) is gone;
+            // whatever else the job started goes with its group.
+            if let Some(pid) = board.snapshot().job.and_then(|j| j.pid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)), nix::sys::signal::Signal::SIGKILL);
+            }
+            Err(AgentError::Terminated)
+        }
+    };
+    // Job over (or stopped): the secrets go before anything is reported.
+    if let Some(dir) = installed.as_mut() {
+        dir.wipe();
+        board.update(|s| s.secrets = dir.status.clone());
+    }
+    let result = ran?;
     board.set_phase(Phase::Reporting);
     conn.send(GuestMessage::JobFinished(result)).await?;
     wait_for_shutdown(&mut conn).await;
     board.set_phase(Phase::Done);
     Ok(())
+}
+
+/// Asks the host for the job's secrets (once), mounts the tmpfs and writes them there if
+/// there are any, and returns the redactor for the job's output.
+async fn take_secrets<S: Stream>(
+    conn: &mut GuestConnection<S>,
+    ack: &HelloAck,
+    dir: &Path,
+    spec: &JobSpec,
+) -> Result<(Option<SecretsDir>, Redactor), AgentError> {
+    if !ack.capabilities.contains(Capabilities::SECRETS) {
+        return Ok((None, Redactor::new(Vec::<Vec<u8>>::new())));
+    }
+    conn.send(GuestMessage::RequestSecrets).await?;
+    let bundle = match conn.recv_required("the job's secrets").await? {
+        HostMessage::Secrets(bundle) => bundle,
+        HostMessage::SecretsRefused { reason } => return Err(AgentError::SecretsRefused(reason)),
+        other => return Err(ProtocolError::Unexpected { expected: "Secrets", got: other.kind().to_owned() }.into()),
+    };
+    let redactor = Redactor::new(bundle.values());
+    if bundle.entries.is_empty() {
+        return Ok((None, redactor));
+    }
+    // The job's group may read file secrets only where its profile lets it.
+    let readable_by = match &spec.sandbox.secrets_dir {
+        Some(allowed) if Path::new(allowed) == dir => Some(
+            crate::sandbox::passwd::lookup(Path::new(crate::sandbox::passwd::PASSWD), &spec.sandbox.user)
+                .map_err(|e| AgentError::Secrets(e.to_string()))?
+                .gid,
+        ),
+        _ => None,
+    };
+    let (dir, readable_by) = (dir.to_owned(), readable_by);
+    let installed = tokio::task::spawn_blocking(move || SecretsDir::install(&dir, &bundle, readable_by))
+        .await
+        .map_err(|e| AgentError::Secrets(e.to_string()))?
+        .map_err(|e| AgentError::Secrets(e.to_string()))?;
+    Ok((Some(installed), redactor))
 }
 
 async fn connect(args: &RunArgs, target: &str) -> Result<Box<dyn Stream>, AgentError> {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
+use crate::secrets::SecretsStatus;
 use crate::sysinfo;
 
 const MAX_STATUS_BYTES: u64 = 64 * 1024;
@@ -24,6 +25,9 @@ pub struct AgentStatus {
     pub landlock_abi: u32,
     pub channel: ChannelStatus,
     pub job: Option<JobStatus>,
+    /// The secrets tmpfs: names and state, never values.
+    #[serde(default)]
+    pub secrets: SecretsStatus,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -75,6 +79,7 @@ impl StatusBoard {
             landlock_abi: sysinfo::landlock_abi(),
             channel: ChannelStatus { target, ..ChannelStatus::default() },
             job: None,
+            secrets: SecretsStatus::default(),
         })))
     }
 
@@ -161,12 +166,28 @@ fn render(s: &AgentStatus, socket: &Path) -> String {
         None => "none".to_owned(),
     };
     let landlock = if s.landlock_abi == 0 { "not supported".to_owned() } else { format!("ABI {}", s.landlock_abi) };
+    let secrets = render_secrets(&s.secrets);
     format!(
-        "agent version:  {}\nagent running:  {running}\nkernel:         {}\nhost channel:   {channel}\nsandbox:        {}\ncurrent job:    {job}\nlandlock:       {landlock}\n",
+        "agent version:  {}\nagent running:  {running}\nkernel:         {}\nhost channel:   {channel}\nsandbox:        {}\ncurrent job:    {job}\nlandlock:       {landlock}\nsecrets:        {secrets}\n",
         s.agent_version,
         s.kernel_release,
         s.channel.sandbox_id.as_deref().unwrap_or("-"),
     )
+}
+
+fn render_secrets(s: &SecretsStatus) -> String {
+    match s.state.as_str() {
+        "" => "-".to_owned(),
+        "none" => format!("none (no tmpfs on {})", s.dir),
+        "mounted" => format!(
+            "tmpfs on {} ({}; swap {}): {}",
+            s.dir,
+            s.options,
+            if s.noswap { "off" } else { "possible, kernel < 6.4 has no noswap" },
+            s.names.join(", ")
+        ),
+        state => format!("{state} ({}): {}", s.dir, s.names.join(", ")),
+    }
 }
 
 #[cfg(test)]

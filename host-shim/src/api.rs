@@ -1,10 +1,11 @@
 //! The daemon's API on its Unix socket: the same length-prefixed postcard frames as
 //! the guest channel, with these request and response types.
 
-use agentlab_protocol::{Connection, Enforcement, OutputStream};
+use agentlab_protocol::{Connection, Enforcement, OutputStream, SecretEntry, SecretKind};
 use serde::{Deserialize, Serialize};
 
 use crate::profile::Profile;
+pub use crate::secrets::BundleView;
 use crate::state::{JobState, SandboxState};
 
 /// Largest repo upload the daemon accepts (1 GiB).
@@ -28,6 +29,20 @@ pub enum ApiRequest {
         id: String,
         offset: u64,
     },
+    /// Add or replace one secret of a bundle (creating the bundle).
+    SecretSet {
+        bundle: String,
+        entry: SecretEntry,
+    },
+    /// Remove one secret, or with `entry: None` the whole bundle.
+    SecretRemove {
+        bundle: String,
+        entry: Option<(SecretKind, String)>,
+    },
+    SecretShow {
+        bundle: String,
+    },
+    SecretList,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,13 +59,25 @@ pub struct SubmitRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ApiResponse {
-    Submitted { job_id: String, sandbox_id: String },
+    Submitted {
+        job_id: String,
+        sandbox_id: String,
+    },
     Job(Box<JobView>),
     Jobs(Vec<JobView>),
     Sandboxes(Vec<SandboxView>),
     Profiles(Vec<Profile>),
-    Output { stream: OutputStream, data: Vec<u8> },
-    Error { message: String },
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
+    Error {
+        message: String,
+    },
+    Bundle(BundleView),
+    Bundles(Vec<BundleView>),
+    /// The request was carried out and has nothing to show.
+    Done,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec, MAX_CHUNK_LEN,
-    MessageKind, OutputChunk, ProtocolError, host_handshake,
+    CHUNK_WINDOW, Capabilities, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec,
+    MAX_CHUNK_LEN, MessageKind, OutputChunk, ProtocolError, SecretBundle, host_handshake,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
@@ -28,11 +28,17 @@ pub enum SessionError {
     Upload { path: String, source: std::io::Error },
     /// cannot store the job's output: {0}
     Store(std::io::Error),
+    /// the guest agent ({agent}) cannot receive secrets and this job has some: rebuild the guest image with a current agent (make image)
+    SecretsUnsupported { agent: String },
 }
 
 /// What the runner learns as the session goes on.
 pub trait SessionObserver: Send {
     fn handshake_done(&mut self, hello: &Hello, ack: &HelloAck);
+    /// The bundle went to the guest (its names only are for the record).
+    fn secrets_delivered(&mut self, bundle: &SecretBundle);
+    /// The guest asked for secrets again and was refused with `reason`.
+    fn secrets_refused(&mut self, reason: &str);
     fn job_started(&mut self, pid: u32);
     fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()>;
 }
@@ -48,31 +54,77 @@ pub fn sanitize_guest_text(text: &str) -> String {
 
 pub struct HostSession<S> {
     conn: HostConnection<S>,
+    sandbox_id: String,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     pub fn new(stream: S) -> Self {
-        Self { conn: HostConnection::new(stream) }
+        Self { conn: HostConnection::new(stream), sandbox_id: String::new() }
     }
 
-    /// Runs the session to the job's result.
+    /// Runs the session to the job's result. `secrets` is delivered once, when the
+    /// agent asks for it right after the job; the bundle is wiped as it is sent.
     pub async fn run(
         &mut self,
         sandbox_id: &str,
         spec: JobSpec,
+        secrets: SecretBundle,
         upload: Option<&Path>,
         observer: &mut dyn SessionObserver,
     ) -> Result<JobResult, SessionError> {
+        sandbox_id.clone_into(&mut self.sandbox_id);
         let (hello, ack) = host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
             ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
             other => other.into(),
         })?;
         observer.handshake_done(&hello, &ack);
         self.send(HostMessage::Job(spec), "before the job started").await?;
+        if ack.capabilities.contains(Capabilities::SECRETS) {
+            self.deliver_secrets(secrets, observer).await?;
+        } else if !secrets.entries.is_empty() {
+            return Err(SessionError::SecretsUnsupported { agent: sanitize_guest_text(&hello.agent_version) });
+        }
         if let Some(path) = upload {
-            self.upload(path).await?;
+            self.upload(path, observer).await?;
         }
         self.stream_output(observer).await
+    }
+
+    /// Answers the agent's one request for secrets.
+    async fn deliver_secrets(
+        &mut self,
+        secrets: SecretBundle,
+        observer: &mut dyn SessionObserver,
+    ) -> Result<(), SessionError> {
+        const PHASE: &str = "before the job started";
+        match self.recv(PHASE).await? {
+            GuestMessage::RequestSecrets => {}
+            GuestMessage::AgentError { reason } => {
+                return Err(SessionError::Agent { phase: PHASE, reason: sanitize_guest_text(&reason) });
+            }
+            other => return Err(unexpected(PHASE, &other)),
+        }
+        observer.secrets_delivered(&secrets);
+        match self.conn.send_secret(HostMessage::Secrets(secrets)).await {
+            Err(ProtocolError::Io { source, .. }) if is_disconnect(&source) => {
+                Err(SessionError::Disconnected { phase: PHASE })
+            }
+            other => other.map_err(SessionError::from),
+        }
+    }
+
+    /// A sandbox gets its secrets once: any later request is refused and recorded.
+    async fn refuse_secrets(
+        &mut self,
+        observer: &mut dyn SessionObserver,
+        phase: &'static str,
+    ) -> Result<(), SessionError> {
+        let reason = format!(
+            "sandbox {} already received its secrets; a sandbox gets them once, right after its job",
+            self.sandbox_id
+        );
+        observer.secrets_refused(&reason);
+        self.send(HostMessage::SecretsRefused { reason }, phase).await
     }
 
     /// Tells the agent the result is stored; it may power off.
@@ -80,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         let _ = self.conn.send(HostMessage::Shutdown).await;
     }
 
-    async fn upload(&mut self, path: &Path) -> Result<(), SessionError> {
+    async fn upload(&mut self, path: &Path, observer: &mut dyn SessionObserver) -> Result<(), SessionError> {
         const PHASE: &str = "during the workdir upload";
         let upload_err = |source| SessionError::Upload { path: path.display().to_string(), source };
         let mut file = tokio::fs::File::open(path).await.map_err(upload_err)?;
@@ -109,6 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 GuestMessage::AgentError { reason } => {
                     return Err(SessionError::Agent { phase: PHASE, reason: sanitize_guest_text(&reason) });
                 }
+                GuestMessage::RequestSecrets => self.refuse_secrets(observer, PHASE).await?,
                 other => return Err(unexpected(PHASE, &other)),
             }
         }
@@ -152,6 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 GuestMessage::AgentError { reason } => {
                     return Err(SessionError::Agent { phase, reason: sanitize_guest_text(&reason) });
                 }
+                GuestMessage::RequestSecrets => self.refuse_secrets(observer, phase).await?,
                 other => return Err(unexpected(phase, &other)),
             }
         }

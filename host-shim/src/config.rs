@@ -66,6 +66,11 @@ impl DaemonConfig {
         self.jobs_dir().join(job_id)
     }
 
+    /// Secrets bundles (age-encrypted) and the identity that opens them.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.state_dir.join("secrets")
+    }
+
     pub fn uploads_dir(&self) -> PathBuf {
         self.state_dir.join("uploads")
     }

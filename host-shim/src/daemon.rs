@@ -11,6 +11,7 @@ use crate::ids::new_id;
 use crate::joblog::JobLog;
 use crate::profile::{Profile, ProfileError, ProfileSet};
 use crate::runner::{self, QueuedJob};
+use crate::secrets::SecretStore;
 use crate::state::{JobState, SandboxState};
 use crate::store::{JobEnd, NewJob, Store, StoreError};
 
@@ -36,6 +37,7 @@ pub struct Daemon {
     pub store: Store,
     pub profiles: ProfileSet,
     pub backend: Arc<dyn Backend>,
+    pub secrets: SecretStore,
     live: Mutex<HashMap<String, Arc<JobLog>>>,
 }
 
@@ -62,7 +64,8 @@ impl Daemon {
         let profiles =
             crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
         let store = Store::open(&config.db_path())?;
-        let daemon = Arc::new(Daemon { config, store, profiles, backend, live: Mutex::new(HashMap::new()) });
+        let secrets = SecretStore::new(&config.secrets_dir());
+        let daemon = Arc::new(Daemon { config, store, profiles, backend, secrets, live: Mutex::new(HashMap::new()) });
         daemon.settle_unfinished()?;
         Ok(daemon)
     }

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod joblog;
 pub mod profile;
 mod runner;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -6,14 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab_protocol::transport::hybrid;
-use agentlab_protocol::{AGENT_VSOCK_PORT, Enforcement, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
-use tokio::net::UnixStream;
+use agentlab_protocol::{
+    AGENT_VSOCK_PORT, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome, JobResult, JobSpec,
+    OutputChunk, OutputStream, SecretBundle,
+};
+use agentlab_redact::{RedactStream, Redactor};
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
 use crate::joblog::JobLog;
 use crate::profile::Profile;
+use crate::secrets::SecretStore;
 use crate::state::{JobState, SandboxState};
 use crate::store::{JobEnd, Store};
 
@@ -97,6 +102,14 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     let record = |to: SandboxState, msg: Option<&str>| set_sandbox(store, sb, to, msg);
 
     record(SandboxState::Provisioning, None);
+    let secrets = match load_secrets(daemon, job).await {
+        Ok(secrets) => secrets,
+        Err(msg) => {
+            record(SandboxState::Failed, Some(&msg));
+            record(SandboxState::Destroyed, None);
+            return Finish::failed(SandboxState::Failed, msg);
+        }
+    };
     let provisioned = async {
         daemon.backend.preflight().await?;
         let console_log = daemon.config.job_dir(&job.job_id).join("console.log");
@@ -128,7 +141,7 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
         &format!("profile {}: {}", job.profile.name, vm.shape()),
     );
 
-    let finish = boot_and_run(daemon, job, vm.as_mut()).await;
+    let finish = boot_and_run(daemon, job, vm.as_mut(), secrets).await;
     record(finish.sandbox, Some(&finish.message));
     match vm.destroy().await {
         Ok(()) => record(SandboxState::Destroyed, None),
@@ -141,7 +154,32 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     finish
 }
 
-async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) -> Finish {
+/// The profile's secrets bundle, decrypted into memory. A profile whose bundle does not
+/// exist runs without secrets, and the job's events say how to create it.
+async fn load_secrets(daemon: &Daemon, job: &QueuedJob) -> Result<SecretBundle, String> {
+    let Some(name) = job.profile.secrets_bundle.clone() else {
+        return Ok(SecretBundle::default());
+    };
+    let store_dir = daemon.config.secrets_dir();
+    let wanted = name.clone();
+    let loaded = tokio::task::spawn_blocking(move || SecretStore::new(&store_dir).load(&wanted))
+        .await
+        .map_err(|e| format!("loading secrets bundle {name:?}: {e}"))?;
+    match loaded {
+        Ok(Some(bundle)) => Ok(bundle),
+        Ok(None) => {
+            let msg = format!(
+                "profile {} names secrets bundle {name:?}, which does not exist: the job runs without secrets (create it with `agentlab secrets set --bundle {name} --env NAME`)",
+                job.profile.name
+            );
+            let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "secrets.missing", &msg);
+            Ok(SecretBundle::default())
+        }
+        Err(e) => Err(format!("cannot open secrets bundle {name:?} of profile {}: {e}", job.profile.name)),
+    }
+}
+
+async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, secrets: SecretBundle) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
     let uds = match vm.channel() {
@@ -185,9 +223,8 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
             format!("sandbox {sb}: the VM stopped before its agent dialed in: {}\n{}", exit.description, vm.diagnostics()),
         ),
     };
-    // Exactly one agent session per sandbox: stop listening before talking.
-    drop(listener);
-    let _ = std::fs::remove_file(hybrid::guest_port_path(&uds, AGENT_VSOCK_PORT));
+    // Exactly one agent session per sandbox: the listener stays open only to turn any
+    // later connection away (it could be the job posing as its agent) and record it.
 
     let spec = JobSpec {
         job_id: job.job_id.clone(),
@@ -206,7 +243,14 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     // The agent enforces the job's timeout; the host only steps in if the guest
     // fails to report well after it.
     let watchdog = Duration::from_millis(job.timeout_ms) + daemon.config.kill_grace + daemon.config.report_slack;
-    let mut observer = Observer { daemon, job, output_bytes: 0 };
+    let redactor = Redactor::new(secrets.values());
+    let mut observer = Observer {
+        daemon,
+        job,
+        output_bytes: 0,
+        stdout: redactor.clone().into_stream(),
+        stderr: redactor.into_stream(),
+    };
     let mut session = HostSession::new(stream);
     enum Ended {
         Reported(JobResult),
@@ -215,13 +259,17 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     }
     let ended = tokio::select! {
         biased;
-        result = tokio::time::timeout(watchdog, session.run(sb, spec, job.upload.as_deref(), &mut observer)) => match result {
+        result = tokio::time::timeout(watchdog, session.run(sb, spec, secrets, job.upload.as_deref(), &mut observer)) => match result {
             Ok(Ok(result)) => Ended::Reported(result),
             Ok(Err(e)) => Ended::Broken(e.to_string()),
             Err(_) => Ended::Silent(format!("the guest did not report a result within {} s of the job's start", watchdog.as_secs())),
         },
         exit = vm.exited() => Ended::Broken(format!("the VM stopped during the session: {}", exit.description)),
+        never = refuse_further_sessions(&listener, store, job) => match never {},
     };
+    if let Err(e) = observer.finish() {
+        tracing::error!(job = %job.job_id, "storing the last of the job's output: {e}");
+    }
     let output_bytes = observer.output_bytes;
     let (reason, timed_out) = match ended {
         Ended::Reported(result) => {
@@ -293,10 +341,69 @@ fn signal_name(signal: i32) -> String {
     nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
 }
 
+/// Turns away every connection after the first and records it (the first 16; a
+/// guest opening thousands must not fill the database). Never returns.
+async fn refuse_further_sessions(listener: &UnixListener, store: &Store, job: &QueuedJob) -> std::convert::Infallible {
+    const MAX_RECORDED: u32 = 16;
+    // Long enough for a guest under TCG to send its Hello after the connection is up.
+    const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+    let reason = format!(
+        "sandbox {} already has its agent session; a second connection to the agent port is refused",
+        job.sandbox_id
+    );
+    let mut refused = 0u32;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        refused += 1;
+        if refused <= MAX_RECORDED {
+            let _ = store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "channel.refused", &reason);
+        }
+        // Its Hello is read (one bounded frame, briefly) so that the answer reaches it
+        // rather than a reset: a real agent that lost the race then logs why it stops.
+        let mut conn = HostConnection::new(stream);
+        let reject = HostMessage::HelloReject {
+            reason: reason.clone(),
+            min_version: agentlab_protocol::MIN_PROTOCOL_VERSION,
+            max_version: agentlab_protocol::PROTOCOL_VERSION,
+        };
+        let _ = tokio::time::timeout(REFUSAL_WAIT, async {
+            let _ = conn.recv().await;
+            let _ = conn.send(reject).await;
+        })
+        .await;
+    }
+}
+
 struct Observer<'a> {
     daemon: &'a Daemon,
     job: &'a QueuedJob,
     output_bytes: u64,
+    /// The host's own pass over the guest's (already redacted) output, one per stream,
+    /// before anything is stored: a guest that failed to redact does not get its
+    /// secrets into the log.
+    stdout: RedactStream<'static>,
+    stderr: RedactStream<'static>,
+}
+
+impl Observer<'_> {
+    fn store(&mut self, stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.output_bytes += data.len() as u64;
+        self.job.log.append(stream, data)
+    }
+
+    /// Stores what the redactors still hold; the output is complete.
+    fn finish(&mut self) -> std::io::Result<()> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        self.stdout.flush(&mut out);
+        self.stderr.flush(&mut err);
+        self.store(OutputStream::Stdout, &out)?;
+        self.store(OutputStream::Stderr, &err)
+    }
 }
 
 impl SessionObserver for Observer<'_> {
@@ -309,6 +416,30 @@ impl SessionObserver for Observer<'_> {
         set_sandbox(store, &self.job.sandbox_id, SandboxState::Ready, Some(&msg));
     }
 
+    fn secrets_delivered(&mut self, bundle: &SecretBundle) {
+        let names: Vec<String> = bundle.entries.iter().map(|e| format!("{} {}", e.kind.as_str(), e.name)).collect();
+        let msg = if bundle.entries.is_empty() {
+            "none: the job has no secrets".to_owned()
+        } else {
+            format!("bundle {}: {}", bundle.name, names.join(", "))
+        };
+        let _ = self.daemon.store.record_event(
+            Some(&self.job.job_id),
+            Some(&self.job.sandbox_id),
+            "secrets.delivered",
+            &msg,
+        );
+    }
+
+    fn secrets_refused(&mut self, reason: &str) {
+        let _ = self.daemon.store.record_event(
+            Some(&self.job.job_id),
+            Some(&self.job.sandbox_id),
+            "secrets.refused",
+            reason,
+        );
+    }
+
     fn job_started(&mut self, pid: u32) {
         let store = &self.daemon.store;
         let msg = format!("guest pid {pid}");
@@ -317,7 +448,11 @@ impl SessionObserver for Observer<'_> {
     }
 
     fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()> {
-        self.output_bytes += chunk.data.len() as u64;
-        self.job.log.append(chunk.stream, &chunk.data)
+        let mut clean = Vec::with_capacity(chunk.data.len());
+        match chunk.stream {
+            OutputStream::Stdout => self.stdout.push(&chunk.data, &mut clean),
+            OutputStream::Stderr => self.stderr.push(&chunk.data, &mut clean),
+        }
+        self.store(chunk.stream, &clean)
     }
 }

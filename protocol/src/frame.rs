@@ -8,21 +8,23 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed};
+use zeroize::Zeroize;
 
 use crate::{GuestMessage, HostMessage, MAX_FRAME_LEN, ProtocolError};
 
 const HEADER_LEN: usize = 4;
 
-/// Encodes one message as a complete frame (header and payload).
+/// Encodes one message as a complete frame (header and payload), in one allocation of
+/// exactly the frame's size: no growing buffer leaves a stale copy of the payload.
 pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let payload = postcard::to_stdvec(msg).map_err(ProtocolError::Encode)?;
-    if payload.len() > MAX_FRAME_LEN {
-        return Err(ProtocolError::OutgoingTooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+    let len = postcard::experimental::serialized_size(msg).map_err(ProtocolError::Encode)?;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::OutgoingTooLarge { len, max: MAX_FRAME_LEN });
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = vec![0u8; HEADER_LEN + len];
     // The length fits: it was just checked against MAX_FRAME_LEN, far below u32::MAX.
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&payload);
+    out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    postcard::to_slice(msg, &mut out[HEADER_LEN..]).map_err(ProtocolError::Encode)?;
     Ok(out)
 }
 
@@ -69,8 +71,12 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
             return Ok(None);
         }
         src.advance(HEADER_LEN);
-        let payload = src.split_to(len);
-        decode_message(&payload).map(Some)
+        let mut payload = src.split_to(len);
+        let decoded = decode_message(&payload);
+        // Frames may carry secrets: the decoded message owns its copy, so the read
+        // buffer's is wiped at once (a few microseconds per 64 KiB chunk).
+        payload.as_mut().zeroize();
+        decoded.map(Some)
     }
 }
 
@@ -78,9 +84,10 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     type Error = ProtocolError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        let frame = encode_message(&item)?;
+        let mut frame = encode_message(&item)?;
         dst.reserve(frame.len());
         dst.put_slice(&frame);
+        frame.zeroize();
         Ok(())
     }
 }
@@ -108,6 +115,21 @@ where
     /// Sends one message and flushes it.
     pub async fn send(&mut self, msg: Out) -> Result<(), ProtocolError> {
         self.framed.send(msg).await
+    }
+
+    /// Sends a message that carries secrets: encoded into a buffer of its own, written
+    /// straight to the stream (the codec's write buffer would keep a copy after the
+    /// flush), and wiped once written. The message itself is dropped (and, with its
+    /// [`crate::SecretBytes`], wiped) before this returns.
+    pub async fn send_secret(&mut self, msg: Out) -> Result<(), ProtocolError> {
+        use tokio::io::AsyncWriteExt;
+        SinkExt::<Out>::flush(&mut self.framed).await?;
+        let frame = zeroize::Zeroizing::new(encode_message(&msg)?);
+        drop(msg);
+        let stream = self.framed.get_mut();
+        stream.write_all(&frame).await.map_err(|e| ProtocolError::io("sending secrets", e))?;
+        stream.flush().await.map_err(|e| ProtocolError::io("sending secrets", e))?;
+        Ok(())
     }
 
     /// Queues one message without flushing; call [`Self::flush`] after a batch.

@@ -14,12 +14,14 @@ mod error;
 mod frame;
 mod handshake;
 mod messages;
+mod secret;
 pub mod transport;
 
 pub use error::ProtocolError;
 pub use frame::{Connection, FrameCodec, GuestConnection, HostConnection, decode_message, encode_message};
 pub use handshake::{guest_handshake, host_handshake, negotiate_version};
 pub use messages::*;
+pub use secret::{GIT_TOKEN_ENV, MAX_BUNDLE_BYTES, MAX_SECRET_ENTRIES, MAX_SECRET_VALUE, SecretError};
 
 /// The vsock port on the host (CID 2) that every agent dials.
 pub const AGENT_VSOCK_PORT: u32 = 52_000;

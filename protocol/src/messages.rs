@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::secret::{SecretBundle, SecretBytes, SecretEntry, SecretKind};
+
 /// Optional features a side supports, as bits. Unknown bits are ignored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities(pub u64);
@@ -12,9 +14,12 @@ impl Capabilities {
     pub const WORKDIR_UPLOAD: Capabilities = Capabilities(1 << 0);
     /// Output chunks are sequenced and acknowledged.
     pub const OUTPUT_ACK: Capabilities = Capabilities(1 << 1);
+    /// The agent asks for the job's secrets once, right after the job
+    /// ([`GuestMessage::RequestSecrets`]); the host answers with [`HostMessage::Secrets`].
+    pub const SECRETS: Capabilities = Capabilities(1 << 2);
 
     /// Everything this build supports.
-    pub const ALL: Capabilities = Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0);
+    pub const ALL: Capabilities = Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0 | Self::SECRETS.0);
 
     /// The bits both sides have.
     #[must_use]
@@ -223,6 +228,9 @@ pub enum GuestMessage {
     AgentError {
         reason: String,
     },
+    /// The job's secrets, please. Answered once per sandbox; any later request is
+    /// refused and recorded.
+    RequestSecrets,
 }
 
 /// Host → guest.
@@ -250,6 +258,12 @@ pub enum HostMessage {
     Cancel,
     /// The result is stored; the agent may power the VM off.
     Shutdown,
+    /// The answer to the sandbox's first [`GuestMessage::RequestSecrets`] (possibly empty).
+    Secrets(SecretBundle),
+    /// The answer to any later request.
+    SecretsRefused {
+        reason: String,
+    },
 }
 
 /// A short name of a message, for errors and logs. Never includes payload bytes.
@@ -266,6 +280,7 @@ impl MessageKind for GuestMessage {
             Self::Output(_) => "Output",
             Self::JobFinished(_) => "JobFinished",
             Self::AgentError { .. } => "AgentError",
+            Self::RequestSecrets => "RequestSecrets",
         }
     }
 }
@@ -280,6 +295,8 @@ impl MessageKind for HostMessage {
             Self::OutputAck { .. } => "OutputAck",
             Self::Cancel => "Cancel",
             Self::Shutdown => "Shutdown",
+            Self::Secrets(_) => "Secrets",
+            Self::SecretsRefused { .. } => "SecretsRefused",
         }
     }
 }

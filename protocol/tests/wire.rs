@@ -64,6 +64,7 @@ fn all_guest_messages() -> Vec<GuestMessage> {
             enforcement: Enforcement::default(),
         }),
         GuestMessage::AgentError { reason: "bad tar".into() },
+        GuestMessage::RequestSecrets,
     ]
 }
 
@@ -116,6 +117,24 @@ fn all_host_messages() -> Vec<HostMessage> {
         HostMessage::OutputAck { seq: 9 },
         HostMessage::Cancel,
         HostMessage::Shutdown,
+        HostMessage::Secrets(SecretBundle::default()),
+        HostMessage::Secrets(SecretBundle {
+            name: "default".into(),
+            entries: vec![
+                SecretEntry { kind: SecretKind::Env, name: "API_KEY".into(), value: SecretBytes::copy_from(b"sk-1") },
+                SecretEntry {
+                    kind: SecretKind::File,
+                    name: "settings.json".into(),
+                    value: SecretBytes::copy_from(b"{\"k\": 1}\n"),
+                },
+                SecretEntry {
+                    kind: SecretKind::GitToken,
+                    name: GIT_TOKEN_ENV.into(),
+                    value: SecretBytes::copy_from(b"ghp"),
+                },
+            ],
+        }),
+        HostMessage::SecretsRefused { reason: "already delivered".into() },
     ]
 }
 
@@ -224,8 +243,8 @@ fn trailing_bytes_are_an_error() {
 
 #[test]
 fn unknown_variants_are_rejected() {
-    // Variant indexes are varints: GuestMessage has 6 variants, HostMessage 7.
-    for (index, is_guest) in [(6u8, true), (7u8, false), (200u8, true)] {
+    // Variant indexes are varints: GuestMessage has 7 variants, HostMessage 9.
+    for (index, is_guest) in [(7u8, true), (9u8, false), (200u8, true)] {
         let frame = [0, 0, 0, 1, index];
         let res = if is_guest {
             decode_all::<GuestMessage>(&frame).map(|_| ())

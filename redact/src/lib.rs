@@ -19,6 +19,8 @@ pub mod bench;
 
 use std::sync::Arc;
 
+use zeroize::Zeroize;
+
 pub use patterns::{MIN_SECRET_LEN, variants};
 pub use stream::RedactStream;
 
@@ -39,6 +41,14 @@ pub(crate) struct Inner {
     pub(crate) matcher: Matcher,
     patterns: Vec<Vec<u8>>,
     skipped_short: usize,
+}
+
+impl Drop for Inner {
+    /// The patterns are the secrets and their encodings: wipe them. (The automaton's
+    /// own tables, inside aho-corasick, cannot be reached and are freed as they are.)
+    fn drop(&mut self) {
+        self.patterns.iter_mut().for_each(|p| p.zeroize());
+    }
 }
 
 #[derive(Debug)]

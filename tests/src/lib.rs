@@ -37,6 +37,17 @@ pub fn host_kernel() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Whether the host's kernel is at least `major.minor`.
+pub fn host_kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = host_kernel();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let found: (u32, u32) = (
+        parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
+        parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
+    );
+    found >= (major, minor)
+}
+
 /// A throwaway agentlabd with its own state directory, killed on drop.
 pub struct Daemon {
     pub state: tempfile::TempDir,
@@ -114,6 +125,22 @@ impl Daemon {
         Command::new(bin("agentlab")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
     }
 
+    /// Runs `agentlab ARGS` with `input` on its stdin.
+    pub fn cli_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("agentlab"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("agentlabd.log")).unwrap_or_default()
     }
@@ -162,11 +189,20 @@ pub struct SessionRecord {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub chunks: u64,
+    /// `kind name` of each entry of each bundle delivered.
+    pub secrets_delivered: Vec<Vec<String>>,
+    pub secrets_refused: Vec<String>,
 }
 
 impl agentlab_host::channel::SessionObserver for SessionRecord {
     fn handshake_done(&mut self, hello: &agentlab_protocol::Hello, _ack: &agentlab_protocol::HelloAck) {
         self.hello = Some(hello.clone());
+    }
+    fn secrets_delivered(&mut self, bundle: &agentlab_protocol::SecretBundle) {
+        self.secrets_delivered.push(bundle.entries.iter().map(|e| format!("{} {}", e.kind.as_str(), e.name)).collect());
+    }
+    fn secrets_refused(&mut self, reason: &str) {
+        self.secrets_refused.push(reason.to_owned());
     }
     fn job_started(&mut self, pid: u32) {
         self.pid = Some(pid);
@@ -181,32 +217,54 @@ impl agentlab_host::channel::SessionObserver for SessionRecord {
     }
 }
 
+/// What [`run_agent_job`] returns: the session's result, what it saw, how the agent exited.
+pub type AgentRun = (
+    Result<agentlab_protocol::JobResult, agentlab_host::channel::SessionError>,
+    SessionRecord,
+    std::process::ExitStatus,
+);
+
 /// Runs the real agent binary on this host, dialing a Unix socket in `dir` (its status
-/// socket is `dir/status.sock`), and drives one job through the real host session.
-/// Returns the session's result, what it saw, and how the agent process exited.
-pub async fn run_agent_job(
-    dir: &Path,
-    spec: agentlab_protocol::JobSpec,
-    upload: Option<&Path>,
-) -> (Result<agentlab_protocol::JobResult, agentlab_host::channel::SessionError>, SessionRecord, std::process::ExitStatus)
-{
+/// socket is `dir/status.sock`, its secrets tmpfs `dir/secrets`), and drives one job
+/// through the real host session.
+pub async fn run_agent_job(dir: &Path, spec: agentlab_protocol::JobSpec, upload: Option<&Path>) -> AgentRun {
+    run_agent_job_with_secrets(dir, spec, agentlab_protocol::SecretBundle::default(), upload).await
+}
+
+/// Starts the real agent binary on this host, dialing `dir/agent.sock` (status socket
+/// `dir/status.sock`, secrets tmpfs `dir/secrets`); returns it and the host's end of its
+/// connection.
+pub async fn spawn_agent(dir: &Path) -> (tokio::process::Child, tokio::net::UnixStream) {
     let sock = dir.join("agent.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let mut agent = tokio::process::Command::new(bin("agentlab-agent"))
+    let agent = tokio::process::Command::new(bin("agentlab-agent"))
         .arg("run")
         .arg("--unix")
         .arg(&sock)
         .arg("--status-socket")
         .arg(dir.join("status.sock"))
+        .arg("--secrets-dir")
+        .arg(dir.join("secrets"))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
+    (agent, stream)
+}
+
+/// [`run_agent_job`] with a secrets bundle for the agent to ask for.
+pub async fn run_agent_job_with_secrets(
+    dir: &Path,
+    spec: agentlab_protocol::JobSpec,
+    secrets: agentlab_protocol::SecretBundle,
+    upload: Option<&Path>,
+) -> AgentRun {
+    let (mut agent, stream) = spawn_agent(dir).await;
     let mut session = agentlab_host::channel::HostSession::new(stream);
     let mut seen = SessionRecord::default();
-    let result = session.run("sb-test", spec, upload, &mut seen).await;
+    let result = session.run("sb-test", spec, secrets, upload, &mut seen).await;
     session.shutdown().await;
     drop(session);
     let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();

@@ -92,6 +92,12 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     assert!(shape.contains(&format!("{cpus} vCPU, 4096 MiB, ")), "{shape}");
     assert_eq!(job["output_bytes"], (text.len() + "to-stderr\n".len()) as u64);
     assert_eq!(transitions(&job, "job.state"), ["RUNNING", "COMPLETED"]);
+    // The default profile names a `default` bundle that this daemon does not have.
+    let missing = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "secrets.missing").unwrap();
+    assert_eq!(
+        missing["message"],
+        "profile yolo-ephemeral names secrets bundle \"default\", which does not exist: the job runs without secrets (create it with `agentlab secrets set --bundle default --env NAME`)"
+    );
     assert_eq!(
         transitions(&job, "sandbox.state"),
         ["PROVISIONING", "BOOTING", "READY", "RUNNING", "COMPLETED", "DESTROYED"]
@@ -214,18 +220,8 @@ fn the_inner_sandbox_in_the_guest_blocks_what_landlock_abi_2_and_seccomp_can() {
 fn a_guest_agent_that_disconnects_mid_job_fails_the_job_with_that_reason() {
     let d = Daemon::start();
     let (job_id, mut fake) = hijack_agent_socket(&d, "sleep 60");
-    let hello = Hello {
-        min_version: 1,
-        max_version: 1,
-        capabilities: Capabilities::ALL,
-        agent_version: "0.1.0".into(),
-        kernel_release: "fake".into(),
-        landlock_abi: 2,
-    };
-    fake.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap()).unwrap();
-    fake.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    assert!(matches!(read_frame(&mut fake), HostMessage::HelloAck(_)));
-    assert!(matches!(read_frame(&mut fake), HostMessage::Job(spec) if spec.args == ["-c", "sleep 60"]));
+    let spec = fake_agent_handshake(&mut fake);
+    assert_eq!(spec.args, ["-c", "sleep 60"]);
     fake.write_all(&encode_message(&GuestMessage::JobStarted { pid: 42 }).unwrap()).unwrap();
     let chunk = OutputChunk { seq: 0, stream: OutputStream::Stdout, data: b"partial output\n".to_vec() };
     fake.write_all(&encode_message(&GuestMessage::Output(chunk)).unwrap()).unwrap();
@@ -238,6 +234,147 @@ fn a_guest_agent_that_disconnects_mid_job_fails_the_job_with_that_reason() {
     assert!(error.ends_with("the guest agent disconnected while the job was running"), "{error}");
     assert_eq!(job["output_bytes"], 15);
     assert_cleaned_up(&d, &job);
+}
+
+/// Secrets set with the CLI are stored encrypted, delivered once into the guest's
+/// tmpfs, redacted from everything the job prints, and never stored in plaintext:
+/// not in the database, the job's log, the daemon's log, or anywhere in its state.
+#[test]
+fn secrets_set_with_the_cli_reach_the_guest_redacted_and_are_never_stored_in_plaintext() {
+    const API_KEY: &str = "sk-ant-e2e-7f3a9c21d4";
+    const SETTINGS: &str = "{\"apiKeyHelper\": \"hx-55aa77cc\"}";
+    let d = Daemon::start();
+    let out = d.cli_with_stdin(
+        &["secrets", "set", "--bundle", "default", "--env", "API_KEY"],
+        format!("{API_KEY}\n").as_bytes(),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let settings = d.state.path().join("settings-for-test.json");
+    std::fs::write(&settings, SETTINGS).unwrap();
+    let file_arg = format!("settings.json={}", settings.display());
+    let out = d.cli(&["secrets", "set", "--bundle", "default", "--file", &file_arg]);
+    assert!(out.status.success(), "{}", describe(&out));
+    std::fs::remove_file(&settings).unwrap();
+    let shown = d.cli(&["--json", "secrets", "show", "default"]);
+    let view: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        view["entries"],
+        serde_json::json!([
+            {"kind": "env", "name": "API_KEY", "bytes": API_KEY.len()},
+            {"kind": "file", "name": "settings.json", "bytes": SETTINGS.len()},
+        ])
+    );
+    let listed = stdout(&d.cli(&["secrets", "list"]));
+    assert!(listed.contains("env API_KEY, file settings.json"), "{listed}");
+
+    let cmd = r#"echo "env=$API_KEY"
+printf %s "$API_KEY" | base64
+cat /run/agentlab/secrets/settings.json; echo
+stat -c '%a %U:%G' /run/agentlab/secrets /run/agentlab/secrets/settings.json
+awk '$5 == "/run/agentlab/secrets" { for (i = 7; $i != "-"; i++); print $6, $(i+2), $(i+3) }' /proc/self/mountinfo
+agentlab-agent status | grep '^secrets:'"#;
+    let out = d.cli(&["job", "submit", "--follow", "--profile", "yolo-workspace", "--cmd", cmd]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    assert_eq!(
+        stdout(&out),
+        "env=[REDACTED]\n[REDACTED]\n[REDACTED]\n750 root:agent\n440 root:agent\n\
+         rw,nosuid,nodev,noexec,relatime agentlab-secrets rw,size=1024k,nr_inodes=256,mode=700,inode64\n\
+         secrets:        tmpfs on /run/agentlab/secrets (mode=0700,uid=0,gid=0,size=1m,nr_inodes=256,nosuid,nodev,noexec; \
+         swap possible, kernel < 6.4 has no noswap): env API_KEY, file settings.json\n"
+    );
+    let job = d.job_json(&only_job_id(&d));
+    let delivered: Vec<&Value> =
+        job["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "secrets.delivered").collect();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["message"], "bundle default: env API_KEY, file settings.json");
+    assert_cleaned_up(&d, &job);
+
+    // Nothing under the state directory holds a value in plaintext.
+    let mut pending = vec![d.state.path().to_path_buf()];
+    let mut files = 0;
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if meta.is_file() {
+            files += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            for secret in [API_KEY, SETTINGS, "hx-55aa77cc"] {
+                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} in {}", path.display());
+            }
+        }
+    }
+    assert!(files >= 5, "scanned only {files} files");
+}
+
+/// Exactly one agent session per sandbox: a fake agent takes the session first, so the
+/// real agent's dial-in is the second connection. It is refused with the reason and
+/// recorded; the refused agent powers its VM off.
+#[test]
+fn a_second_connection_to_the_agent_port_is_refused_and_recorded() {
+    let d = Daemon::start();
+    let (job_id, mut fake) = hijack_agent_socket(&d, "sleep 60");
+    fake_agent_handshake(&mut fake);
+    fake.write_all(&encode_message(&GuestMessage::JobStarted { pid: 42 }).unwrap()).unwrap();
+    // A second fake, as a job that got hold of a vsock socket would be.
+    let path = d
+        .state
+        .path()
+        .join("sandboxes")
+        .join(d.job_json(&job_id)["sandbox_id"].as_str().unwrap())
+        .join("vsock.sock_52000");
+    let mut second = UnixStream::connect(&path).unwrap();
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities::ALL,
+        agent_version: "impostor".into(),
+        kernel_release: "x".into(),
+        landlock_abi: 0,
+    };
+    second.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap()).unwrap();
+    let HostMessage::HelloReject { reason, .. } = read_frame(&mut second) else { panic!("not rejected") };
+    assert!(
+        reason.ends_with("already has its agent session; a second connection to the agent port is refused"),
+        "{reason}"
+    );
+    let job = wait_for_end(&d, &job_id);
+    let refused: Vec<&Value> =
+        job["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "channel.refused").collect();
+    assert_eq!(refused.len(), 2, "the impostor and the real agent: {job:#}");
+    let sandbox = job["sandbox_id"].as_str().unwrap();
+    assert_eq!(
+        refused[0]["message"],
+        format!("sandbox {sandbox} already has its agent session; a second connection to the agent port is refused")
+    );
+    assert_eq!(job["state"], "FAILED");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("the VM stopped during the session"), "{error}");
+    let console =
+        std::fs::read_to_string(d.state.path().join("jobs").join(&job_id).join("console.log")).unwrap_or_default();
+    assert!(console.contains("already has its agent session"), "the refused agent says why: {console}");
+    assert_cleaned_up(&d, &job);
+    drop(fake);
+}
+
+/// Plays the agent up to the job: Hello, the job, and the (empty) secrets it asks for.
+fn fake_agent_handshake(fake: &mut UnixStream) -> agentlab_protocol::JobSpec {
+    let hello = Hello {
+        min_version: agentlab_protocol::MIN_PROTOCOL_VERSION,
+        max_version: agentlab_protocol::PROTOCOL_VERSION,
+        capabilities: Capabilities::ALL,
+        agent_version: "0.1.0".into(),
+        kernel_release: "fake".into(),
+        landlock_abi: 2,
+    };
+    fake.write_all(&encode_message(&GuestMessage::Hello(hello)).unwrap()).unwrap();
+    fake.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert!(matches!(read_frame(fake), HostMessage::HelloAck(_)));
+    let HostMessage::Job(spec) = read_frame(fake) else { panic!("no job") };
+    fake.write_all(&encode_message(&GuestMessage::RequestSecrets).unwrap()).unwrap();
+    assert!(matches!(read_frame(fake), HostMessage::Secrets(b) if b.entries.is_empty()));
+    spec
 }
 
 /// Reads one host frame as a fake guest.

@@ -166,6 +166,7 @@ mod tests {
             workdir: "/workspace".into(),
             tmpdir: "/tmp/agentlab-job-x.1".into(),
             status_socket: "/run/agentlab/agent.sock".into(),
+            env_secrets_dir: None,
         }
     }
 

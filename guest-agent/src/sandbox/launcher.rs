@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
@@ -44,6 +45,15 @@ pub fn run(report_fd: i32, command: &[OsString]) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&mut report, &e),
     };
+    // Read while still root: the directory is root-only. The values live in zeroizing
+    // buffers here and in the environment block that exec hands to the job.
+    let env_secrets = match &policy.env_secrets_dir {
+        Some(dir) => match crate::secrets::read_env_secrets(std::path::Path::new(dir)) {
+            Ok(values) => values,
+            Err(e) => return fail(&mut report, &SandboxError::Secrets(format!("{dir}: {e}"))),
+        },
+        None => Vec::new(),
+    };
     let enforcement = match enforce(&policy) {
         Ok(e) => e,
         Err(e) => return fail(&mut report, &e),
@@ -52,7 +62,11 @@ pub fn run(report_fd: i32, command: &[OsString]) -> ExitCode {
         // Nobody is listening for the job: do not run it.
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
-    let err = std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    for (name, value) in &env_secrets {
+        command.env(name, std::ffi::OsStr::from_bytes(value));
+    }
+    let err = command
         .args(args)
         .env_remove(POLICY_ENV)
         .env("TMPDIR", &policy.tmpdir)

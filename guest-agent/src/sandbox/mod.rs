@@ -35,6 +35,10 @@ pub struct LaunchPolicy {
     pub tmpdir: String,
     /// The agent's status socket (kept reachable for `agentlab-agent status`).
     pub status_socket: String,
+    /// Root-only directory of environment secrets, read by the launcher before it drops
+    /// privileges and handed to the job's environment at exec.
+    #[serde(default)]
+    pub env_secrets_dir: Option<String>,
 }
 
 /// One line the launcher writes on the report pipe.
@@ -74,4 +78,6 @@ pub enum SandboxError {
     Landlock(String),
     /// cannot install the seccomp filter: {0}
     Seccomp(String),
+    /// cannot read the job's environment secrets from {0}
+    Secrets(String),
 }

@@ -16,7 +16,12 @@ const NEVER_CHOWN: &[&str] = &[
 ];
 
 /// Resolves the user and prepares the job's directories; returns the launcher's policy.
-pub fn prepare(spec: &JobSpec, tmpdir: &Path, status_socket: &Path) -> Result<LaunchPolicy, SandboxError> {
+pub fn prepare(
+    spec: &JobSpec,
+    tmpdir: &Path,
+    status_socket: &Path,
+    env_secrets_dir: Option<&Path>,
+) -> Result<LaunchPolicy, SandboxError> {
     let user = passwd::lookup(Path::new(PASSWD), &spec.sandbox.user)?;
     let as_root = nix::unistd::geteuid().is_root();
     let workdir = Path::new(&spec.workdir);
@@ -40,6 +45,7 @@ pub fn prepare(spec: &JobSpec, tmpdir: &Path, status_socket: &Path) -> Result<La
         workdir: spec.workdir.clone(),
         tmpdir: tmpdir.display().to_string(),
         status_socket: status_socket.display().to_string(),
+        env_secrets_dir: env_secrets_dir.map(|d| d.display().to_string()),
     })
 }
 

@@ -49,6 +49,9 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Profiles(_) => "Profiles",
         ApiResponse::Output { .. } => "Output",
         ApiResponse::Error { .. } => "Error",
+        ApiResponse::Bundle(_) => "Bundle",
+        ApiResponse::Bundles(_) => "Bundles",
+        ApiResponse::Done => "Done",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

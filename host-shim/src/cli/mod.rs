@@ -2,6 +2,7 @@
 
 mod client;
 mod render;
+mod secrets;
 mod submit;
 
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ enum Command {
     /// Sandbox profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Secrets bundles: stored encrypted by agentlabd, delivered once to each sandbox.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +109,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
+        Command::Secrets(command) => secrets::run(&mut client, command, cli.json).await,
         Command::Job(JobCommand::Show { id }) => match client.call(ApiRequest::JobShow { id }).await? {
             ApiResponse::Job(job) => {
                 render::print(cli.json, &*job, || render::job_detail(&job));
