@@ -5,6 +5,8 @@
 //! `agentlab-agent status` asks a running agent what it is doing; `agentlab-agent selftest`,
 //! run as a job, shows what the job's sandbox blocks.
 
+mod agentlog;
+mod artifacts;
 mod error;
 mod init;
 mod job;
@@ -85,7 +87,8 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(agentlog::Tee)
+        .with_ansi(false)
         .with_target(false)
         .with_max_level(tracing::Level::INFO)
         .init();

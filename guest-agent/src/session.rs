@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use agentlab_protocol::transport::vsock;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HelloAck, HostMessage, JobSpec,
-    MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
+    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HelloAck, HostMessage, JobOutcome,
+    JobResult, JobSpec, MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
 };
 use agentlab_redact::Redactor;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::AgentError;
 use crate::secrets::{self, SECRETS_DIR, SecretsDir};
 use crate::status::{JobStatus, Phase, StatusBoard};
-use crate::{STATUS_SOCKET, job, sysinfo, upload};
+use crate::{STATUS_SOCKET, agentlog, artifacts, job, sysinfo, upload};
 
 /// How long the agent waits for the host to accept its connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,6 +110,7 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         board.update(|s| s.secrets = dir.status.clone());
     }
     let env_dir = installed.as_ref().map(SecretsDir::env_dir);
+    let output_redactor = redactor.clone();
 
     let session = async {
         let workdir = Path::new(&spec.workdir);
@@ -118,7 +119,7 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
             return Err(err);
         }
         board.set_phase(Phase::Running);
-        let secrets = job::JobSecrets { env_dir, redactor };
+        let secrets = job::JobSecrets { env_dir, redactor: redactor.clone() };
         Ok(job::run(&mut conn, &spec, &board, &args.status_socket, &secrets).await?)
     };
     let ran = tokio::select! {
@@ -139,10 +140,36 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
     }
     let result = ran?;
     board.set_phase(Phase::Reporting);
+    let report = report_json(&spec, &result);
     conn.send(GuestMessage::JobFinished(result)).await?;
-    wait_for_shutdown(&mut conn).await;
+    let files = artifacts::AgentFiles { report_json: report, agent_log: Vec::new() };
+    serve_until_shutdown(&mut conn, Path::new(&spec.workdir), files, &output_redactor, &board).await;
     board.set_phase(Phase::Done);
     Ok(())
+}
+
+/// `report.json`, pushed with the artifacts: the result as the agent saw it.
+fn report_json(spec: &JobSpec, result: &JobResult) -> Vec<u8> {
+    let (outcome, exit_code, signal, reason) = match &result.outcome {
+        JobOutcome::Exited { code } => ("exited", Some(*code), None, None),
+        JobOutcome::Signaled { signal } => ("signaled", None, Some(*signal), None),
+        JobOutcome::TimedOut { signal } => ("timed-out", None, Some(*signal), None),
+        JobOutcome::Cancelled { signal } => ("cancelled", None, Some(*signal), None),
+        JobOutcome::SpawnFailed { reason } => ("spawn-failed", None, None, Some(reason.as_str())),
+    };
+    let report = serde_json::json!({
+        "job_id": spec.job_id,
+        "outcome": outcome,
+        "exit_code": exit_code,
+        "signal": signal,
+        "reason": reason,
+        "duration_ms": result.duration_ms,
+        "output_bytes": result.output_bytes,
+        "commit": artifacts::git_commit(Path::new(&spec.workdir)),
+        "enforcement": result.enforcement,
+        "agent_version": env!("CARGO_PKG_VERSION"),
+    });
+    serde_json::to_vec_pretty(&report).unwrap_or_default()
 }
 
 /// Asks the host for the job's secrets (once), mounts the tmpfs and writes them there if
@@ -223,17 +250,51 @@ async fn prepare_workdir<S: Stream>(
     Ok(())
 }
 
-/// Waits until the host says the result is stored, or goes away.
-async fn wait_for_shutdown<S: Stream>(conn: &mut GuestConnection<S>) {
-    let wait = async {
-        loop {
-            match conn.recv().await {
-                Ok(Some(HostMessage::Shutdown)) | Ok(None) | Err(_) => return,
-                Ok(Some(_)) => {}
+/// Answers the host until it says the result is stored (or goes away): pushes the
+/// artifacts when it asks for them, once.
+async fn serve_until_shutdown<S: Stream>(
+    conn: &mut GuestConnection<S>,
+    workdir: &Path,
+    files: artifacts::AgentFiles,
+    redactor: &Redactor,
+    board: &StatusBoard,
+) {
+    let mut files = Some(files);
+    loop {
+        let msg = match tokio::time::timeout(SHUTDOWN_WAIT, conn.recv()).await {
+            Ok(msg) => msg,
+            Err(_) => {
+                tracing::warn!("the host did not acknowledge the result within {} s", SHUTDOWN_WAIT.as_secs());
+                return;
             }
+        };
+        match msg {
+            Ok(Some(HostMessage::CollectArtifacts(request))) => {
+                let Some(mut files) = files.take() else {
+                    tracing::warn!("the host asked for the artifacts twice; ignored");
+                    continue;
+                };
+                board.set_phase(Phase::PushingArtifacts);
+                files.agent_log = agentlog::snapshot();
+                match artifacts::push(conn, &request, workdir, files, redactor).await {
+                    Ok(summary) => tracing::info!(
+                        "artifacts pushed: {} bytes{}",
+                        summary.bytes,
+                        if summary.skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {} left out", summary.skipped.len())
+                        }
+                    ),
+                    Err(e) => {
+                        tracing::warn!("pushing the artifacts failed: {e}");
+                        return;
+                    }
+                }
+                board.set_phase(Phase::Reporting);
+            }
+            Ok(Some(HostMessage::Shutdown)) | Ok(None) | Err(_) => return,
+            Ok(Some(_)) => {}
         }
-    };
-    if tokio::time::timeout(SHUTDOWN_WAIT, wait).await.is_err() {
-        tracing::warn!("the host did not acknowledge the result within {} s", SHUTDOWN_WAIT.as_secs());
     }
 }

@@ -52,6 +52,7 @@ pub enum Phase {
     ReceivingWorkdir,
     Running,
     Reporting,
+    PushingArtifacts,
     Done,
 }
 
@@ -61,6 +62,7 @@ impl Phase {
             Phase::ReceivingWorkdir => "receiving-workdir",
             Phase::Running => "running",
             Phase::Reporting => "reporting",
+            Phase::PushingArtifacts => "pushing-artifacts",
             Phase::Done => "done",
         }
     }

@@ -4,6 +4,7 @@
 use agentlab_protocol::{Connection, Enforcement, OutputStream, SecretEntry, SecretKind};
 use serde::{Deserialize, Serialize};
 
+pub use crate::artifacts::ArtifactView;
 use crate::profile::Profile;
 pub use crate::secrets::BundleView;
 use crate::state::{JobState, SandboxState};
@@ -43,6 +44,15 @@ pub enum ApiRequest {
         bundle: String,
     },
     SecretList,
+    /// A job's artifacts.
+    ArtifactList {
+        job: String,
+    },
+    /// One artifact's bytes as `ArtifactData` chunks, then its record.
+    ArtifactFetch {
+        job: String,
+        path: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,6 +88,11 @@ pub enum ApiResponse {
     Bundles(Vec<BundleView>),
     /// The request was carried out and has nothing to show.
     Done,
+    Artifacts(Vec<ArtifactView>),
+    ArtifactData {
+        data: Vec<u8>,
+    },
+    Artifact(ArtifactView),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -5,9 +5,11 @@
 use std::path::Path;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, Capabilities, GuestMessage, Hello, HelloAck, HostConnection, HostMessage, JobResult, JobSpec,
-    MAX_CHUNK_LEN, MessageKind, OutputChunk, ProtocolError, SecretBundle, host_handshake,
+    ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, Capabilities, GuestMessage, Hello, HelloAck, HostConnection,
+    HostMessage, JobResult, JobSpec, MAX_CHUNK_LEN, MessageKind, OutputChunk, ProtocolError, SecretBundle,
+    host_handshake,
 };
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 /// Longest guest-supplied string the host keeps (kernel release, agent version, errors).
@@ -55,11 +57,78 @@ pub fn sanitize_guest_text(text: &str) -> String {
 pub struct HostSession<S> {
     conn: HostConnection<S>,
     sandbox_id: String,
+    /// What both sides support, once the handshake is done.
+    capabilities: Capabilities,
 }
+
+/// Slack on top of the artifact cap for the tar stream's headers and padding.
+const TAR_OVERHEAD: u64 = 16 * 1024 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     pub fn new(stream: S) -> Self {
-        Self { conn: HostConnection::new(stream), sandbox_id: String::new() }
+        Self { conn: HostConnection::new(stream), sandbox_id: String::new(), capabilities: Capabilities(0) }
+    }
+
+    /// After the result: asks for the artifacts and writes their tar stream to `sink`,
+    /// checking order, sizes and the SHA-256 the guest claims. `None` if the agent
+    /// cannot push artifacts.
+    pub async fn collect_artifacts(
+        &mut self,
+        request: ArtifactRequest,
+        sink: &mut (dyn std::io::Write + Send),
+        observer: &mut dyn SessionObserver,
+    ) -> Result<Option<ArtifactSummary>, SessionError> {
+        const PHASE: &str = "while pushing artifacts";
+        if !self.capabilities.contains(Capabilities::ARTIFACTS) {
+            return Ok(None);
+        }
+        let limit = request.max_bytes.saturating_add(TAR_OVERHEAD);
+        self.send(HostMessage::CollectArtifacts(request), PHASE).await?;
+        let mut hasher = Sha256::new();
+        let (mut next_seq, mut bytes) = (0u64, 0u64);
+        loop {
+            match self.recv(PHASE).await? {
+                GuestMessage::ArtifactChunk { seq, data } => {
+                    let violation = |detail: String| SessionError::Violation { phase: PHASE, detail };
+                    if seq != next_seq {
+                        return Err(violation(format!("artifact chunk {seq} where {next_seq} was due")));
+                    }
+                    if data.len() > MAX_CHUNK_LEN {
+                        return Err(violation(format!("artifact chunk of {} bytes, over {MAX_CHUNK_LEN}", data.len())));
+                    }
+                    bytes += data.len() as u64;
+                    if bytes > limit {
+                        return Err(violation(format!(
+                            "the artifacts exceed the {limit}-byte limit (cap plus tar overhead)"
+                        )));
+                    }
+                    hasher.update(&data);
+                    sink.write_all(&data).map_err(SessionError::Store)?;
+                    self.send(HostMessage::ArtifactAck { seq }, PHASE).await?;
+                    next_seq += 1;
+                }
+                GuestMessage::ArtifactsDone(summary) => {
+                    let sha256: [u8; 32] = hasher.finalize().into();
+                    if summary.bytes != bytes || summary.sha256 != sha256 {
+                        return Err(SessionError::Violation {
+                            phase: PHASE,
+                            detail: format!(
+                                "the guest claims {} bytes with SHA-256 {}, the host received {bytes} bytes with SHA-256 {}",
+                                summary.bytes,
+                                hex::encode(summary.sha256),
+                                hex::encode(sha256)
+                            ),
+                        });
+                    }
+                    return Ok(Some(summary));
+                }
+                GuestMessage::RequestSecrets => self.refuse_secrets(observer, PHASE).await?,
+                GuestMessage::AgentError { reason } => {
+                    return Err(SessionError::Agent { phase: PHASE, reason: sanitize_guest_text(&reason) });
+                }
+                other => return Err(unexpected(PHASE, &other)),
+            }
+        }
     }
 
     /// Runs the session to the job's result. `secrets` is delivered once, when the
@@ -78,6 +147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
             other => other.into(),
         })?;
         observer.handshake_done(&hello, &ack);
+        self.capabilities = ack.capabilities;
         self.send(HostMessage::Job(spec), "before the job started").await?;
         if ack.capabilities.contains(Capabilities::SECRETS) {
             self.deliver_secrets(secrets, observer).await?;

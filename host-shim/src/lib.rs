@@ -1,6 +1,7 @@
 //! agentlabd, the host shim, and the library behind `agentlab`, its CLI.
 
 pub mod api;
+pub mod artifacts;
 pub mod backend;
 pub mod channel;
 pub mod cli;

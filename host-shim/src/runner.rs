@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use agentlab_protocol::transport::hybrid;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome, JobResult, JobSpec,
-    OutputChunk, OutputStream, SecretBundle,
+    AGENT_VSOCK_PORT, ArtifactRequest, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome,
+    JobResult, JobSpec, OutputChunk, OutputStream, SecretBundle,
 };
 use agentlab_redact::{RedactStream, Redactor};
 use tokio::net::{UnixListener, UnixStream};
@@ -249,7 +249,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
         job,
         output_bytes: 0,
         stdout: redactor.clone().into_stream(),
-        stderr: redactor.into_stream(),
+        stderr: redactor.clone().into_stream(),
     };
     let mut session = HostSession::new(stream);
     enum Ended {
@@ -273,6 +273,9 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
     let output_bytes = observer.output_bytes;
     let (reason, timed_out) = match ended {
         Ended::Reported(result) => {
+            let mut collecting =
+                Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &listener };
+            collecting.artifacts(&redactor, vm).await;
             session.shutdown().await;
             return finish_from_result(&result, output_bytes);
         }
@@ -339,6 +342,85 @@ fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
 
 fn signal_name(signal: i32) -> String {
     nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
+}
+
+/// How long the guest may take to push its artifacts.
+const ARTIFACT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most guest-reported lines (skipped or rejected artifacts) recorded as events.
+const MAX_ARTIFACT_EVENTS: usize = 32;
+
+/// The artifact phase, after the result is in: the job's outcome no longer depends on
+/// it, so every failure here is an event, not a failed job.
+struct Collecting<'a, 'd> {
+    daemon: &'d Daemon,
+    job: &'d QueuedJob,
+    session: &'a mut HostSession<UnixStream>,
+    observer: &'a mut Observer<'d>,
+    listener: &'a UnixListener,
+}
+
+impl Collecting<'_, '_> {
+    fn event(&self, kind: &str, message: &str) {
+        let _ = self.daemon.store.record_event(Some(&self.job.job_id), Some(&self.job.sandbox_id), kind, message);
+    }
+
+    async fn artifacts(&mut self, redactor: &Redactor, vm: &mut dyn Sandbox) {
+        let wanted = &self.job.profile.artifacts;
+        let max_bytes = u64::from(wanted.max_mb) * 1024 * 1024;
+        let request = ArtifactRequest { globs: wanted.globs.clone(), max_bytes };
+        let job_dir = self.daemon.config.job_dir(&self.job.job_id);
+        let part = job_dir.join("artifacts.tar.part");
+        let mut sink = match std::fs::File::create(&part) {
+            Ok(f) => f,
+            Err(e) => return self.event("artifacts.failed", &format!("cannot create {}: {e}", part.display())),
+        };
+        let (daemon, job) = (self.daemon, self.job);
+        let collected = tokio::select! {
+            biased;
+            r = tokio::time::timeout(ARTIFACT_TIMEOUT, self.session.collect_artifacts(request, &mut sink, &mut *self.observer)) => match r {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("the artifacts did not arrive within {} s", ARTIFACT_TIMEOUT.as_secs())),
+            },
+            exit = vm.exited() => Err(format!("the VM stopped while pushing artifacts: {}", exit.description)),
+            never = refuse_further_sessions(self.listener, &daemon.store, job) => match never {},
+        };
+        drop(sink);
+        match collected {
+            Ok(None) => self.event(
+                "artifacts.unsupported",
+                "the guest agent cannot push artifacts: rebuild the image with a current agent",
+            ),
+            Ok(Some(summary)) => {
+                for line in summary.skipped.iter().take(MAX_ARTIFACT_EVENTS) {
+                    self.event("artifacts.skipped", &sanitize_guest_text(line));
+                }
+                self.store(&part, &job_dir.join("artifacts"), max_bytes, redactor).await;
+            }
+            Err(msg) => self.event("artifacts.failed", &msg),
+        }
+        let _ = std::fs::remove_file(&part);
+    }
+
+    /// Unpacks the verified stream (off the async threads) and records what it held.
+    async fn store(&self, tar: &std::path::Path, dest: &std::path::Path, max_bytes: u64, redactor: &Redactor) {
+        let (tar_, dest_, redactor_) = (tar.to_owned(), dest.to_owned(), redactor.clone());
+        let unpacked =
+            tokio::task::spawn_blocking(move || crate::artifacts::unpack(&tar_, &dest_, max_bytes, &redactor_)).await;
+        let unpacked = match unpacked {
+            Ok(Ok(unpacked)) => unpacked,
+            Ok(Err(e)) => return self.event("artifacts.failed", &format!("unpacking into {}: {e}", dest.display())),
+            Err(e) => return self.event("artifacts.failed", &format!("the unpacking task failed: {e}")),
+        };
+        for line in unpacked.rejected.iter().take(MAX_ARTIFACT_EVENTS) {
+            self.event("artifacts.rejected", line);
+        }
+        if unpacked.rejected.len() > MAX_ARTIFACT_EVENTS {
+            self.event("artifacts.rejected", &format!("… and {} more", unpacked.rejected.len() - MAX_ARTIFACT_EVENTS));
+        }
+        if let Err(e) = self.daemon.store.add_artifacts(&self.job.job_id, &self.job.sandbox_id, &unpacked.stored) {
+            self.event("artifacts.failed", &format!("recording the artifacts: {e}"));
+        }
+    }
 }
 
 /// Turns away every connection after the first and records it (the first 16; a

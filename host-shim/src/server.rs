@@ -73,6 +73,12 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
             | ApiRequest::SecretRemove { .. }
             | ApiRequest::SecretShow { .. }
             | ApiRequest::SecretList => secrets_request(&daemon, request).await,
+            ApiRequest::ArtifactList { job } => match daemon.store.job(&job).and_then(|_| daemon.store.artifacts(&job))
+            {
+                Ok(list) => ApiResponse::Artifacts(list),
+                Err(e) => error(e),
+            },
+            ApiRequest::ArtifactFetch { job, path } => fetch_artifact(&daemon, &mut conn, &job, &path).await?,
         };
         conn.send(reply).await?;
     }
@@ -111,6 +117,43 @@ async fn secrets_request(daemon: &Arc<Daemon>, request: ApiRequest) -> ApiRespon
         Ok(Err(e)) => error(e),
         Err(e) => error(format!("the secrets task failed: {e}")),
     }
+}
+
+/// Streams one stored artifact. Only paths the database knows are served, and never
+/// through a symlink.
+async fn fetch_artifact(
+    daemon: &Daemon,
+    conn: &mut ServerConnection<UnixStream>,
+    job: &str,
+    path: &str,
+) -> Result<ApiResponse, agentlab_protocol::ProtocolError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tokio::io::AsyncReadExt;
+    let list = match daemon.store.job(job).and_then(|_| daemon.store.artifacts(job)) {
+        Ok(list) => list,
+        Err(e) => return Ok(error(e)),
+    };
+    let Some(view) = list.into_iter().find(|a| a.path == path) else {
+        return Ok(error(format!("job {job} has no artifact {path:?}; `agentlab job artifacts {job}` lists them")));
+    };
+    let file_path = daemon.config.job_dir(job).join("artifacts").join(&view.path);
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&file_path);
+    let mut file = match file {
+        Ok(f) => tokio::fs::File::from_std(f),
+        Err(e) => return Ok(error(format!("reading {}: {e}", file_path.display()))),
+    };
+    let mut buf = vec![0u8; agentlab_protocol::MAX_CHUNK_LEN];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => return Ok(error(format!("reading {}: {e}", file_path.display()))),
+        };
+        if n == 0 {
+            break;
+        }
+        conn.send(ApiResponse::ArtifactData { data: buf[..n].to_vec() }).await?;
+    }
+    Ok(ApiResponse::Artifact(view))
 }
 
 fn error(e: impl ToString) -> ApiResponse {

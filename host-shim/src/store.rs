@@ -8,12 +8,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::api::{EventView, JobView, SandboxView};
+use crate::artifacts::ArtifactView;
 use crate::state::{JobState, SandboxState};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Migrations from version N-1 to N, for N = 2, 3, …; each runs in one transaction.
-const MIGRATIONS: &[&str] =
-    &["ALTER TABLE jobs ADD COLUMN profile TEXT;", "ALTER TABLE jobs ADD COLUMN enforcement TEXT;"];
+const MIGRATIONS: &[&str] = &[
+    "ALTER TABLE jobs ADD COLUMN profile TEXT;",
+    "ALTER TABLE jobs ADD COLUMN enforcement TEXT;",
+    "CREATE TABLE artifacts (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        path TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        stored_at INTEGER NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );",
+];
 const SCHEMA: &str = "
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY,
@@ -329,6 +340,34 @@ impl Store {
                 out.push(view);
             }
             Ok(out)
+        })
+    }
+
+    /// Records a job's stored artifacts, with one event, in one transaction.
+    pub fn add_artifacts(&self, job_id: &str, sandbox_id: &str, stored: &[ArtifactView]) -> Result<(), StoreError> {
+        self.in_tx(|tx| {
+            let now = now_ms();
+            let mut insert = tx.prepare(
+                "INSERT OR REPLACE INTO artifacts (job_id, path, bytes, sha256, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for a in stored {
+                insert.execute(params![job_id, a.path, i64::try_from(a.bytes).unwrap_or(i64::MAX), a.sha256, now])?;
+            }
+            let total: u64 = stored.iter().map(|a| a.bytes).sum();
+            let msg = format!("{} file(s), {total} bytes", stored.len());
+            insert_event(tx, Some(job_id), Some(sandbox_id), "artifacts.stored", None, None, Some(&msg))
+        })
+    }
+
+    /// A job's artifacts, by path.
+    pub fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactView>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT path, bytes, sha256 FROM artifacts WHERE job_id = ?1 ORDER BY path")?;
+            let rows = stmt.query_map([job_id], |r| {
+                let bytes: i64 = r.get(1)?;
+                Ok(ArtifactView { path: r.get(0)?, bytes: u64::try_from(bytes).unwrap_or(0), sha256: r.get(2)? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

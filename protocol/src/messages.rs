@@ -17,9 +17,13 @@ impl Capabilities {
     /// The agent asks for the job's secrets once, right after the job
     /// ([`GuestMessage::RequestSecrets`]); the host answers with [`HostMessage::Secrets`].
     pub const SECRETS: Capabilities = Capabilities(1 << 2);
+    /// After the result the host asks for artifacts ([`HostMessage::CollectArtifacts`]);
+    /// the agent pushes them as an acknowledged tar stream.
+    pub const ARTIFACTS: Capabilities = Capabilities(1 << 3);
 
     /// Everything this build supports.
-    pub const ALL: Capabilities = Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0 | Self::SECRETS.0);
+    pub const ALL: Capabilities =
+        Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0 | Self::SECRETS.0 | Self::ARTIFACTS.0);
 
     /// The bits both sides have.
     #[must_use]
@@ -210,6 +214,26 @@ pub struct JobResult {
     pub enforcement: Enforcement,
 }
 
+/// What the host wants of the workdir after the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRequest {
+    /// Globs relative to the workdir (`*` stays within a directory, `**` crosses them).
+    pub globs: Vec<String>,
+    /// Most bytes of file content the agent may send; the host refuses more.
+    pub max_bytes: u64,
+}
+
+/// The agent's account of an artifact stream it sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSummary {
+    /// Bytes of the tar stream.
+    pub bytes: u64,
+    /// SHA-256 of the tar stream.
+    pub sha256: [u8; 32],
+    /// Files that matched but were left out, with the reason (`path: reason`).
+    pub skipped: Vec<String>,
+}
+
 /// Guest → host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestMessage {
@@ -231,6 +255,13 @@ pub enum GuestMessage {
     /// The job's secrets, please. Answered once per sandbox; any later request is
     /// refused and recorded.
     RequestSecrets,
+    /// A piece of the artifact tar stream; `seq` starts at 0.
+    ArtifactChunk {
+        seq: u64,
+        data: Vec<u8>,
+    },
+    /// The artifact stream is complete.
+    ArtifactsDone(ArtifactSummary),
 }
 
 /// Host → guest.
@@ -264,6 +295,12 @@ pub enum HostMessage {
     SecretsRefused {
         reason: String,
     },
+    /// Push the artifacts: after the job's result, before [`HostMessage::Shutdown`].
+    CollectArtifacts(ArtifactRequest),
+    /// Artifact chunks up to and including `seq` are stored.
+    ArtifactAck {
+        seq: u64,
+    },
 }
 
 /// A short name of a message, for errors and logs. Never includes payload bytes.
@@ -281,6 +318,8 @@ impl MessageKind for GuestMessage {
             Self::JobFinished(_) => "JobFinished",
             Self::AgentError { .. } => "AgentError",
             Self::RequestSecrets => "RequestSecrets",
+            Self::ArtifactChunk { .. } => "ArtifactChunk",
+            Self::ArtifactsDone(_) => "ArtifactsDone",
         }
     }
 }
@@ -297,6 +336,8 @@ impl MessageKind for HostMessage {
             Self::Shutdown => "Shutdown",
             Self::Secrets(_) => "Secrets",
             Self::SecretsRefused { .. } => "SecretsRefused",
+            Self::CollectArtifacts(_) => "CollectArtifacts",
+            Self::ArtifactAck { .. } => "ArtifactAck",
         }
     }
 }

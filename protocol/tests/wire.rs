@@ -65,6 +65,12 @@ fn all_guest_messages() -> Vec<GuestMessage> {
         }),
         GuestMessage::AgentError { reason: "bad tar".into() },
         GuestMessage::RequestSecrets,
+        GuestMessage::ArtifactChunk { seq: 3, data: vec![0; 512] },
+        GuestMessage::ArtifactsDone(ArtifactSummary {
+            bytes: 10240,
+            sha256: [7; 32],
+            skipped: vec!["out/big.bin: over the 1048576-byte artifact cap".into()],
+        }),
     ]
 }
 
@@ -135,6 +141,8 @@ fn all_host_messages() -> Vec<HostMessage> {
             ],
         }),
         HostMessage::SecretsRefused { reason: "already delivered".into() },
+        HostMessage::CollectArtifacts(ArtifactRequest { globs: vec!["out/**".into()], max_bytes: 1 << 29 }),
+        HostMessage::ArtifactAck { seq: 4 },
     ]
 }
 
@@ -243,8 +251,8 @@ fn trailing_bytes_are_an_error() {
 
 #[test]
 fn unknown_variants_are_rejected() {
-    // Variant indexes are varints: GuestMessage has 7 variants, HostMessage 9.
-    for (index, is_guest) in [(7u8, true), (9u8, false), (200u8, true)] {
+    // Variant indexes are varints: GuestMessage has 9 variants, HostMessage 11.
+    for (index, is_guest) in [(9u8, true), (11u8, false), (200u8, true)] {
         let frame = [0, 0, 0, 1, index];
         let res = if is_guest {
             decode_all::<GuestMessage>(&frame).map(|_| ())

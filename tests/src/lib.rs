@@ -37,6 +37,40 @@ pub fn host_kernel() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// The name of the user running the tests, from /etc/passwd.
+pub fn current_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&uid.as_str())).then(|| f[0].to_owned())
+        })
+        .unwrap()
+}
+
+/// Appends one tar entry with a raw header (any path, any type byte), as a hostile
+/// guest could write it; the tar crate's builder would refuse most of these.
+pub fn raw_tar_entry(out: &mut Vec<u8>, path: &str, kind: u8, link: &str, data: &[u8]) {
+    let mut header = [0u8; 512];
+    header[..path.len()].copy_from_slice(path.as_bytes());
+    header[100..107].copy_from_slice(b"0000644");
+    header[108..115].copy_from_slice(b"0000000");
+    header[116..123].copy_from_slice(b"0000000");
+    header[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    header[136..147].copy_from_slice(b"00000000000");
+    header[156] = kind;
+    header[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
 /// Whether the host's kernel is at least `major.minor`.
 pub fn host_kernel_at_least(major: u32, minor: u32) -> bool {
     let release = host_kernel();
@@ -261,12 +295,34 @@ pub async fn run_agent_job_with_secrets(
     secrets: agentlab_protocol::SecretBundle,
     upload: Option<&Path>,
 ) -> AgentRun {
+    run_agent_job_full(dir, spec, secrets, upload, None).await.0
+}
+
+/// The artifact stream an agent pushed: its summary and the tar bytes.
+pub type Pushed = (agentlab_protocol::ArtifactSummary, Vec<u8>);
+
+/// [`run_agent_job`] with secrets, and after the result a request for artifacts.
+pub async fn run_agent_job_full(
+    dir: &Path,
+    spec: agentlab_protocol::JobSpec,
+    secrets: agentlab_protocol::SecretBundle,
+    upload: Option<&Path>,
+    artifacts: Option<agentlab_protocol::ArtifactRequest>,
+) -> (AgentRun, Option<Result<Pushed, agentlab_host::channel::SessionError>>) {
     let (mut agent, stream) = spawn_agent(dir).await;
     let mut session = agentlab_host::channel::HostSession::new(stream);
     let mut seen = SessionRecord::default();
     let result = session.run("sb-test", spec, secrets, upload, &mut seen).await;
+    let pushed = match (&result, artifacts) {
+        (Ok(_), Some(request)) => {
+            let mut tar = Vec::new();
+            let collected = session.collect_artifacts(request, &mut tar, &mut seen).await;
+            Some(collected.map(|summary| (summary.expect("the agent supports artifacts"), tar)))
+        }
+        _ => None,
+    };
     session.shutdown().await;
     drop(session);
     let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
-    (result, seen, status)
+    ((result, seen, status), pushed)
 }

@@ -8,21 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentlab_host::channel::SessionError;
 use agentlab_protocol::{CHUNK_WINDOW, JobOutcome, JobResult, JobSpec, LandlockMode, MAX_CHUNK_LEN, SandboxSpec};
-use agentlab_tests::{SessionRecord, bin, run_agent_job};
-
-/// The name of the user running the tests, from /etc/passwd.
-fn current_user() -> String {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").unwrap().uid();
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.get(2) == Some(&uid.to_string().as_str())).then(|| f[0].to_owned())
-        })
-        .unwrap()
-}
+use agentlab_tests::{SessionRecord, bin, current_user, run_agent_job};
 
 struct Harness {
     dir: tempfile::TempDir,

@@ -358,6 +358,125 @@ fn a_second_connection_to_the_agent_port_is_refused_and_recorded() {
     drop(fake);
 }
 
+/// The profile's globs pick files in the guest; the host verifies and stores them; the
+/// CLI lists them and downloads them, re-checking each checksum.
+#[test]
+fn artifacts_round_trip_from_the_guest_with_checksums_verified() {
+    let d = Daemon::start();
+    let cmd = "mkdir -p out/deep && echo hello > out/hello.txt && head -c 200000 /dev/urandom > out/deep/random.bin \
+               && echo 'diff --git' > fix.patch && echo not-collected > notes.txt";
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", cmd]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    let job = d.job_json(&only_job_id(&d));
+    let id = job["id"].as_str().unwrap();
+    let listed: Value = serde_json::from_slice(&d.cli(&["--json", "job", "artifacts", id]).stdout).unwrap();
+    let paths: Vec<&str> = listed.as_array().unwrap().iter().map(|a| a["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [".agentlab/agent.log", ".agentlab/report.json", "fix.patch", "out/deep/random.bin", "out/hello.txt"]
+    );
+    assert_eq!(listed[3]["bytes"], 200_000);
+    let stored = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "artifacts.stored").unwrap();
+    assert!(stored["message"].as_str().unwrap().starts_with("5 file(s), "), "{stored}");
+
+    let dest = tempfile::tempdir().unwrap();
+    let out = d.cli(&["job", "artifacts", "download", id, "--out", dest.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout(&out).matches("sha256 ok").count(), 5, "{}", stdout(&out));
+    assert_eq!(std::fs::read_to_string(dest.path().join("out/hello.txt")).unwrap(), "hello\n");
+    let random = std::fs::read(dest.path().join("out/deep/random.bin")).unwrap();
+    let stored_random = d.state.path().join("jobs").join(id).join("artifacts/out/deep/random.bin");
+    assert_eq!(random, std::fs::read(&stored_random).unwrap());
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dest.path().join(".agentlab/report.json")).unwrap()).unwrap();
+    assert_eq!((report["outcome"].as_str(), report["exit_code"].as_i64()), (Some("exited"), Some(0)), "{report}");
+    assert_eq!(report["enforcement"]["landlock_abi"], 2);
+    assert!(!dest.path().join("notes.txt").exists());
+
+    // A stored file that changed on disk is caught, and nothing is written for it.
+    std::fs::write(&stored_random, b"tampered").unwrap();
+    let again = tempfile::tempdir().unwrap();
+    let out = d.cli(&[
+        "job",
+        "artifacts",
+        "download",
+        id,
+        "--name",
+        "out/deep/random.bin",
+        "--out",
+        again.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("artifact out/deep/random.bin of job") && err.contains("is corrupt"), "{err}");
+    assert!(!again.path().join("out/deep/random.bin").exists());
+    assert_cleaned_up(&d, &job);
+}
+
+/// A hostile guest pushes a tar that tries to escape the artifact directory: every bad
+/// entry is rejected and recorded, the good one is kept, nothing lands outside.
+#[test]
+fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
+    let d = Daemon::start();
+    let (job_id, mut fake) = hijack_agent_socket(&d, "true");
+    fake_agent_handshake(&mut fake);
+    fake.write_all(&encode_message(&GuestMessage::JobStarted { pid: 42 }).unwrap()).unwrap();
+    let result = agentlab_protocol::JobResult {
+        outcome: agentlab_protocol::JobOutcome::Exited { code: 0 },
+        duration_ms: 5,
+        output_bytes: 0,
+        enforcement: Default::default(),
+    };
+    fake.write_all(&encode_message(&GuestMessage::JobFinished(result)).unwrap()).unwrap();
+    let HostMessage::CollectArtifacts(request) = read_frame(&mut fake) else { panic!("no artifact request") };
+    assert_eq!(request.globs, ["out/**", "*.patch"]);
+    assert_eq!(request.max_bytes, 512 * 1024 * 1024);
+
+    let mut tar = Vec::new();
+    agentlab_tests::raw_tar_entry(&mut tar, "out/good.txt", b'0', "", b"good\n");
+    agentlab_tests::raw_tar_entry(&mut tar, "../../../../escape.txt", b'0', "", b"evil");
+    agentlab_tests::raw_tar_entry(&mut tar, "/tmp/agentlab-absolute.txt", b'0', "", b"evil");
+    agentlab_tests::raw_tar_entry(&mut tar, "out/shadow", b'2', "/etc/shadow", b"");
+    agentlab_tests::raw_tar_entry(&mut tar, "out/null", b'3', "", b"");
+    tar.extend_from_slice(&[0u8; 1024]);
+    fake.write_all(&encode_message(&GuestMessage::ArtifactChunk { seq: 0, data: tar.clone() }).unwrap()).unwrap();
+    assert!(matches!(read_frame(&mut fake), HostMessage::ArtifactAck { seq: 0 }));
+    let summary = agentlab_protocol::ArtifactSummary {
+        bytes: tar.len() as u64,
+        sha256: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&tar)).into(),
+        skipped: Vec::new(),
+    };
+    fake.write_all(&encode_message(&GuestMessage::ArtifactsDone(summary)).unwrap()).unwrap();
+    assert!(matches!(read_frame(&mut fake), HostMessage::Shutdown));
+
+    let job = wait_for_end(&d, &job_id);
+    assert_eq!(job["state"], "COMPLETED");
+    let rejected: Vec<&str> = job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "artifacts.rejected")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            "../../../../escape.txt: the path climbs out with `..`",
+            "/tmp/agentlab-absolute.txt: absolute paths are not accepted",
+            "out/shadow: symlink entries are not accepted",
+            "out/null: character device entries are not accepted",
+        ]
+    );
+    let listed: Value = serde_json::from_slice(&d.cli(&["--json", "job", "artifacts", &job_id]).stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["path"], "out/good.txt");
+    assert!(!std::path::Path::new("/tmp/agentlab-absolute.txt").exists());
+    for dir in [d.state.path().to_path_buf(), d.state.path().join("jobs"), d.state.path().join("jobs").join(&job_id)] {
+        assert!(!dir.join("escape.txt").exists(), "escaped into {}", dir.display());
+    }
+    assert_cleaned_up(&d, &job);
+}
+
 /// Plays the agent up to the job: Hello, the job, and the (empty) secrets it asks for.
 fn fake_agent_handshake(fake: &mut UnixStream) -> agentlab_protocol::JobSpec {
     let hello = Hello {

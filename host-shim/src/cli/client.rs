@@ -52,6 +52,9 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Bundle(_) => "Bundle",
         ApiResponse::Bundles(_) => "Bundles",
         ApiResponse::Done => "Done",
+        ApiResponse::Artifacts(_) => "Artifacts",
+        ApiResponse::ArtifactData { .. } => "ArtifactData",
+        ApiResponse::Artifact(_) => "Artifact",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

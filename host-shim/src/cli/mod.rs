@@ -1,5 +1,6 @@
 //! `agentlab`, the operator's CLI. It talks to agentlabd over its Unix socket.
 
+mod artifacts;
 mod client;
 mod render;
 mod secrets;
@@ -65,6 +66,8 @@ enum JobCommand {
     Show { id: String },
     /// List recent jobs, newest first.
     List,
+    /// A job's artifacts: list them, or `download` them (checksums verified).
+    Artifacts(artifacts::ArtifactsArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +113,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
         Command::Secrets(command) => secrets::run(&mut client, command, cli.json).await,
+        Command::Job(JobCommand::Artifacts(args)) => artifacts::run(&mut client, args, cli.json).await,
         Command::Job(JobCommand::Show { id }) => match client.call(ApiRequest::JobShow { id }).await? {
             ApiResponse::Job(job) => {
                 render::print(cli.json, &*job, || render::job_detail(&job));
