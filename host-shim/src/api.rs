@@ -25,10 +25,26 @@ pub enum ApiRequest {
     JobList,
     SandboxList,
     ProfileList,
-    /// Stream a job's output from `offset` (bytes of the stored log), then its final view.
-    Follow {
+    /// A job's stored output from `offset` (a byte offset in the stored log, as the
+    /// `Output` responses report it), or its last `tail_lines` lines; with `follow`,
+    /// then its live output until it ends. Ends with the job's view.
+    Logs {
         id: String,
         offset: u64,
+        tail_lines: Option<u64>,
+        follow: bool,
+    },
+    /// Events after the event id `after`, of one job or all; with `follow`, new ones as
+    /// they happen (for a job: until it and its sandbox are finished). Ends with `Done`.
+    Events {
+        job: Option<String>,
+        after: i64,
+        follow: bool,
+    },
+    /// Stop a job: SIGTERM in the guest, SIGKILL after the grace; a job not started yet
+    /// never starts.
+    Cancel {
+        id: String,
     },
     /// Add or replace one secret of a bundle (creating the bundle).
     SecretSet {
@@ -77,10 +93,13 @@ pub enum ApiResponse {
     Jobs(Vec<JobView>),
     Sandboxes(Vec<SandboxView>),
     Profiles(Vec<Profile>),
+    /// Output of a job; `offset` is where the next record starts in the stored log.
     Output {
         stream: OutputStream,
         data: Vec<u8>,
+        offset: u64,
     },
+    Event(EventView),
     Error {
         message: String,
     },
@@ -93,6 +112,10 @@ pub enum ApiResponse {
         data: Vec<u8>,
     },
     Artifact(ArtifactView),
+    /// What the cancellation did.
+    Cancelled {
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -133,6 +156,7 @@ pub struct SandboxView {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventView {
+    pub id: i64,
     pub at_ms: i64,
     pub kind: String,
     pub job_id: Option<String>,

@@ -11,6 +11,7 @@ use agentlab_protocol::{
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::watch;
 
 /// Longest guest-supplied string the host keeps (kernel release, agent version, errors).
 pub const MAX_GUEST_TEXT: usize = 256;
@@ -59,6 +60,8 @@ pub struct HostSession<S> {
     sandbox_id: String,
     /// What both sides support, once the handshake is done.
     capabilities: Capabilities,
+    /// Turns true when the job is to be cancelled.
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 /// Slack on top of the artifact cap for the tar stream's headers and padding.
@@ -66,7 +69,19 @@ const TAR_OVERHEAD: u64 = 16 * 1024 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     pub fn new(stream: S) -> Self {
-        Self { conn: HostConnection::new(stream), sandbox_id: String::new(), capabilities: Capabilities(0) }
+        Self {
+            conn: HostConnection::new(stream),
+            sandbox_id: String::new(),
+            capabilities: Capabilities(0),
+            cancel: None,
+        }
+    }
+
+    /// While the job runs, a `true` on `cancel` makes the agent stop it.
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: watch::Receiver<bool>) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// After the result: asks for the artifacts and writes their tar stream to `sink`,
@@ -241,9 +256,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     async fn stream_output(&mut self, observer: &mut dyn SessionObserver) -> Result<JobResult, SessionError> {
         let mut started = false;
         let mut next_seq = 0u64;
+        let mut cancel = self.cancel.take();
         loop {
             let phase = if started { "while the job was running" } else { "before the job started" };
-            match self.recv(phase).await? {
+            let msg = match self.recv_or_cancel(phase, &mut cancel).await? {
+                Some(msg) => msg,
+                None => {
+                    // The agent stops the job (SIGTERM, then SIGKILL) and reports it.
+                    self.send(HostMessage::Cancel, phase).await?;
+                    continue;
+                }
+            };
+            match msg {
                 GuestMessage::JobStarted { pid } if !started => {
                     started = true;
                     observer.job_started(pid);
@@ -277,6 +301,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 }
                 GuestMessage::RequestSecrets => self.refuse_secrets(observer, phase).await?,
                 other => return Err(unexpected(phase, &other)),
+            }
+        }
+    }
+
+    /// The next message, or `None` once when `cancel` turns true.
+    async fn recv_or_cancel(
+        &mut self,
+        phase: &'static str,
+        cancel: &mut Option<watch::Receiver<bool>>,
+    ) -> Result<Option<GuestMessage>, SessionError> {
+        loop {
+            let Some(rx) = cancel.as_mut() else {
+                return self.recv(phase).await.map(Some);
+            };
+            if *rx.borrow_and_update() {
+                *cancel = None;
+                return Ok(None);
+            }
+            tokio::select! {
+                msg = self.recv(phase) => return msg.map(Some),
+                changed = rx.changed() => if changed.is_err() {
+                    // Nobody can cancel any more.
+                    *cancel = None;
+                },
             }
         }
     }

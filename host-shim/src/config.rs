@@ -29,6 +29,8 @@ pub struct DaemonConfig {
     /// How long past the job's own timeout the host waits for the agent's report
     /// before it gives up on the guest.
     pub report_slack: Duration,
+    /// Most bytes of output stored per job; the rest is dropped after a marker.
+    pub max_log_bytes: u64,
 }
 
 impl DaemonConfig {
@@ -51,6 +53,7 @@ impl DaemonConfig {
             default_job_timeout: Duration::from_secs(3600),
             kill_grace: Duration::from_secs(5),
             report_slack: Duration::from_secs(60),
+            max_log_bytes: 1 << 30,
         }
     }
 

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::sync::watch;
+
 use crate::api::{MAX_REPO_BYTES, SubmitRequest};
 use crate::backend::Backend;
 use crate::config::{DEFAULT_PROFILE, DaemonConfig};
@@ -38,7 +40,13 @@ pub struct Daemon {
     pub profiles: ProfileSet,
     pub backend: Arc<dyn Backend>,
     pub secrets: SecretStore,
-    live: Mutex<HashMap<String, Arc<JobLog>>>,
+    live: Mutex<HashMap<String, LiveJob>>,
+}
+
+/// A job that has not finished: its log, and the switch that cancels it.
+struct LiveJob {
+    log: Arc<JobLog>,
+    cancel: watch::Sender<bool>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -131,7 +139,10 @@ impl Daemon {
         };
         let job_dir = self.config.job_dir(&job_id);
         std::fs::create_dir_all(&job_dir).map_err(io_err(format!("creating {}", job_dir.display())))?;
-        let log = Arc::new(JobLog::create(&job_dir.join("output.log")).map_err(io_err("creating the job log"))?);
+        let log = Arc::new(
+            JobLog::create(&job_dir.join("output.log"), self.config.max_log_bytes)
+                .map_err(io_err("creating the job log"))?,
+        );
         self.store.create_job(&NewJob {
             job_id: &job_id,
             sandbox_id: &sandbox_id,
@@ -141,7 +152,11 @@ impl Daemon {
             timeout_ms,
             profile: &profile.name,
         })?;
-        self.live.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.clone(), log.clone());
+        let (cancel, cancelled) = watch::channel(false);
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(job_id.clone(), LiveJob { log: log.clone(), cancel });
         let job = QueuedJob {
             job_id: job_id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -150,6 +165,7 @@ impl Daemon {
             upload,
             log,
             profile,
+            cancelled,
         };
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))
@@ -157,7 +173,26 @@ impl Daemon {
 
     /// The live log of a running job, if it is still running.
     pub fn live_log(&self, job_id: &str) -> Option<Arc<JobLog>> {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner).get(job_id).cloned()
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).get(job_id).map(|live| live.log.clone())
+    }
+
+    /// Asks a job that has not finished to stop; says what will happen.
+    pub fn cancel(&self, job_id: &str) -> Result<String, DaemonError> {
+        let job = self.store.job(job_id)?;
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = live.get(job_id) else {
+            return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
+        };
+        entry.cancel.send_replace(true);
+        drop(live);
+        let _ = self.store.record_event(Some(job_id), Some(&job.sandbox_id), "job.cancel", "cancellation requested");
+        Ok(match job.state {
+            JobState::Queued => format!("job {job_id} is cancelled before it starts"),
+            _ => format!(
+                "job {job_id} is being stopped: SIGTERM now, SIGKILL after {} s",
+                self.config.kill_grace.as_secs()
+            ),
+        })
     }
 
     pub(crate) fn job_done(&self, job_id: &str) {

@@ -19,6 +19,8 @@ const RECORD_HEADER: usize = 5;
 pub struct LogProgress {
     pub len: u64,
     pub closed: bool,
+    /// The size limit was reached; later output was dropped.
+    pub full: bool,
 }
 
 /// The writing end, owned by the job's runner.
@@ -26,15 +28,22 @@ pub struct JobLog {
     path: PathBuf,
     file: Mutex<File>,
     progress: watch::Sender<LogProgress>,
+    /// Most bytes of output stored; beyond it output is dropped after one marker.
+    max_bytes: u64,
 }
 
+/// What the log says once it is full.
+pub const TRUNCATED_MARKER: &[u8] =
+    b"\n[agentlab: the job's output reached this log's size limit; the rest was dropped]\n";
+
 impl JobLog {
-    pub fn create(path: &Path) -> io::Result<JobLog> {
+    pub fn create(path: &Path, max_bytes: u64) -> io::Result<JobLog> {
         let file = File::options().create(true).truncate(true).write(true).open(path)?;
         Ok(JobLog {
             path: path.to_owned(),
             file: Mutex::new(file),
             progress: watch::Sender::new(LogProgress::default()),
+            max_bytes,
         })
     }
 
@@ -42,7 +51,23 @@ impl JobLog {
         &self.path
     }
 
-    pub fn append(&self, stream: OutputStream, data: &[u8]) -> io::Result<()> {
+    /// Stores one record; returns false if the log is full and it was dropped.
+    pub fn append(&self, stream: OutputStream, data: &[u8]) -> io::Result<bool> {
+        let stored = self.progress.borrow().len;
+        let room = self.max_bytes.saturating_sub(stored);
+        let needed = (RECORD_HEADER + data.len()) as u64;
+        if needed + (RECORD_HEADER + TRUNCATED_MARKER.len()) as u64 > room {
+            if room > 0 && !self.progress.borrow().full {
+                self.write_record(OutputStream::Stderr, TRUNCATED_MARKER)?;
+                self.progress.send_modify(|p| p.full = true);
+            }
+            return Ok(false);
+        }
+        self.write_record(stream, data)?;
+        Ok(true)
+    }
+
+    fn write_record(&self, stream: OutputStream, data: &[u8]) -> io::Result<()> {
         let len = u32::try_from(data.len()).map_err(|_| io::Error::other("output record too large"))?;
         let mut record = Vec::with_capacity(RECORD_HEADER + data.len());
         record.push(stream_byte(stream));
@@ -117,6 +142,41 @@ impl LogReader {
     }
 }
 
+/// Where the last `lines` lines of a log begin: the offset of the record holding their
+/// first byte, and how many bytes of that record come before it. Scans the records
+/// below `limit` once, remembering only the last `lines + 1` line starts.
+pub fn tail_start(path: &Path, limit: u64, lines: u64) -> io::Result<(u64, usize)> {
+    let mut reader = LogReader::open(path, 0)?;
+    let keep = usize::try_from(lines).unwrap_or(usize::MAX).saturating_add(1);
+    // Positions (record offset, byte within the record) just after each newline.
+    let mut after_newline: std::collections::VecDeque<(u64, usize)> = std::collections::VecDeque::new();
+    let mut ends_with_newline = false;
+    loop {
+        let offset = reader.offset();
+        let Some((_, data)) = reader.next_record(limit)? else {
+            break;
+        };
+        for (i, _) in data.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            after_newline.push_back((offset, i + 1));
+            if after_newline.len() > keep {
+                after_newline.pop_front();
+            }
+        }
+        if let Some(last) = data.last() {
+            ends_with_newline = *last == b'\n';
+        }
+    }
+    if lines == 0 {
+        return Ok((reader.offset(), 0));
+    }
+    // The final newline ends the last line; it starts none.
+    if ends_with_newline {
+        after_newline.pop_back();
+    }
+    let wanted = keep - 1;
+    Ok(if after_newline.len() >= wanted { after_newline[after_newline.len() - wanted] } else { (0, 0) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,7 +185,7 @@ mod tests {
     fn records_read_back_in_order_and_resume_from_an_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.log");
-        let log = JobLog::create(&path).unwrap();
+        let log = JobLog::create(&path, 1 << 20).unwrap();
         let rx = log.subscribe();
         log.append(OutputStream::Stdout, b"one\n").unwrap();
         log.append(OutputStream::Stderr, b"").unwrap();
@@ -147,5 +207,56 @@ mod tests {
         assert_eq!(resumed.next_record(len).unwrap(), Some((OutputStream::Stderr, b"two".to_vec())));
         log.close();
         assert!(rx.borrow().closed);
+    }
+
+    #[test]
+    fn a_full_log_drops_output_after_one_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        let limit = (5 + 10 + 5 + TRUNCATED_MARKER.len()) as u64;
+        let log = JobLog::create(&path, limit).unwrap();
+        assert!(log.append(OutputStream::Stdout, b"0123456789").unwrap());
+        assert!(!log.append(OutputStream::Stdout, b"x").unwrap());
+        assert!(!log.append(OutputStream::Stdout, b"y").unwrap());
+        let progress = *log.subscribe().borrow();
+        assert!(progress.full);
+        assert_eq!(progress.len, limit);
+        let mut reader = LogReader::open(&path, 0).unwrap();
+        assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stdout, b"0123456789".to_vec())));
+        assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stderr, TRUNCATED_MARKER.to_vec())));
+        assert_eq!(reader.next_record(limit).unwrap(), None);
+    }
+
+    /// Reads everything from a tail position, as the server does.
+    fn read_tail(path: &Path, limit: u64, lines: u64) -> Vec<u8> {
+        let (offset, skip) = tail_start(path, limit, lines).unwrap();
+        let mut reader = LogReader::open(path, offset).unwrap();
+        let mut out = Vec::new();
+        let mut first = true;
+        while let Some((_, data)) = reader.next_record(limit).unwrap() {
+            out.extend_from_slice(if first { &data[skip..] } else { &data[..] });
+            first = false;
+        }
+        out
+    }
+
+    #[test]
+    fn tail_finds_the_last_lines_across_records_and_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        let log = JobLog::create(&path, 1 << 20).unwrap();
+        log.append(OutputStream::Stdout, b"one\ntw").unwrap();
+        log.append(OutputStream::Stderr, b"o\nthree\n").unwrap();
+        log.append(OutputStream::Stdout, b"four\nfive").unwrap();
+        let len = log.subscribe().borrow().len;
+        assert_eq!(read_tail(&path, len, 1), b"five");
+        assert_eq!(read_tail(&path, len, 2), b"four\nfive");
+        assert_eq!(read_tail(&path, len, 3), b"three\nfour\nfive");
+        assert_eq!(read_tail(&path, len, 4), b"two\nthree\nfour\nfive");
+        assert_eq!(read_tail(&path, len, 9), b"one\ntwo\nthree\nfour\nfive");
+        assert_eq!(read_tail(&path, len, 0), b"");
+        log.append(OutputStream::Stdout, b"\n").unwrap();
+        let len = log.subscribe().borrow().len;
+        assert_eq!(read_tail(&path, len, 2), b"four\nfive\n");
     }
 }

@@ -12,6 +12,7 @@ use agentlab_protocol::{
 };
 use agentlab_redact::{RedactStream, Redactor};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
 use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
@@ -48,6 +49,8 @@ pub struct QueuedJob {
     pub timeout_ms: u64,
     pub upload: Option<PathBuf>,
     pub log: Arc<JobLog>,
+    /// Turns true when `agentlab job cancel` asks for it.
+    pub cancelled: watch::Receiver<bool>,
 }
 
 /// How a job ended, before it is written down.
@@ -101,6 +104,11 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
     let sb = job.sandbox_id.as_str();
     let record = |to: SandboxState, msg: Option<&str>| set_sandbox(store, sb, to, msg);
 
+    if *job.cancelled.borrow() {
+        let msg = "cancelled before it started".to_owned();
+        record(SandboxState::Destroyed, Some(&msg));
+        return Finish::failed(SandboxState::Destroyed, msg);
+    }
     record(SandboxState::Provisioning, None);
     let secrets = match load_secrets(daemon, job).await {
         Ok(secrets) => secrets,
@@ -204,8 +212,12 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
     }
 
     let boot_timeout = daemon.config.boot_timeout;
+    let mut cancelled = job.cancelled.clone();
     let stream: UnixStream = tokio::select! {
         biased;
+        Ok(_) = cancelled.wait_for(|c| *c) => {
+            return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: cancelled while it booted"));
+        }
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {
             Ok(Ok((stream, _))) => stream,
             Ok(Err(e)) => return Finish::failed(SandboxState::Failed, format!("accepting sandbox {sb}'s agent: {e}")),
@@ -250,8 +262,9 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
         output_bytes: 0,
         stdout: redactor.clone().into_stream(),
         stderr: redactor.clone().into_stream(),
+        truncated: false,
     };
-    let mut session = HostSession::new(stream);
+    let mut session = HostSession::new(stream).with_cancel(job.cancelled.clone());
     enum Ended {
         Reported(JobResult),
         Broken(String),
@@ -328,7 +341,11 @@ fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
         }
         JobOutcome::Cancelled { signal } => {
             end.signal = Some(*signal);
-            (JobState::Failed, SandboxState::Completed, format!("cancelled; stopped with {}", signal_name(*signal)))
+            (
+                JobState::Failed,
+                SandboxState::Completed,
+                format!("cancelled (agentlab job cancel); stopped with {}", signal_name(*signal)),
+            )
         }
         JobOutcome::SpawnFailed { reason } => {
             (JobState::Failed, SandboxState::Failed, format!("the job could not start in the guest: {reason}"))
@@ -467,6 +484,7 @@ struct Observer<'a> {
     /// secrets into the log.
     stdout: RedactStream<'static>,
     stderr: RedactStream<'static>,
+    truncated: bool,
 }
 
 impl Observer<'_> {
@@ -475,7 +493,20 @@ impl Observer<'_> {
             return Ok(());
         }
         self.output_bytes += data.len() as u64;
-        self.job.log.append(stream, data)
+        if !self.job.log.append(stream, data)? && !self.truncated {
+            self.truncated = true;
+            let msg = format!(
+                "the output reached {} bytes, the log's limit (agentlabd --max-log-mb); the rest is dropped",
+                self.daemon.config.max_log_bytes
+            );
+            let _ = self.daemon.store.record_event(
+                Some(&self.job.job_id),
+                Some(&self.job.sandbox_id),
+                "log.truncated",
+                &msg,
+            );
+        }
+        Ok(())
     }
 
     /// Stores what the redactors still hold; the output is complete.

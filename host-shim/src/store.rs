@@ -292,9 +292,7 @@ impl Store {
                 .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [id], job_from_row)
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound { kind: "job", id: id.to_owned() })??;
-            let mut stmt = c.prepare(
-                "SELECT at, kind, job_id, sandbox_id, from_state, to_state, message FROM events WHERE job_id = ?1 ORDER BY id",
-            )?;
+            let mut stmt = c.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ?1 ORDER BY id"))?;
             job.events = stmt.query_map([id], event_from_row)?.collect::<Result<_, _>>()?;
             Ok(job)
         })
@@ -316,11 +314,21 @@ impl Store {
 
     /// Newest first.
     pub fn sandboxes(&self) -> Result<Vec<SandboxView>, StoreError> {
+        self.sandboxes_where("1 = 1", [])
+    }
+
+    pub fn sandbox(&self, id: &str) -> Result<SandboxView, StoreError> {
+        self.sandboxes_where("id = ?1", [id])?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound { kind: "sandbox", id: id.to_owned() })
+    }
+
+    fn sandboxes_where<P: rusqlite::Params>(&self, condition: &str, params: P) -> Result<Vec<SandboxView>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, backend, state, job_id, accel, error, created_at, updated_at FROM sandboxes ORDER BY created_at DESC, rowid DESC",
-            )?;
-            let rows = stmt.query_map([], |r| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT id, backend, state, job_id, accel, error, created_at, updated_at FROM sandboxes WHERE {condition} ORDER BY created_at DESC, rowid DESC"
+            ))?;
+            let rows = stmt.query_map(params, |r| {
                 let state: String = r.get(2)?;
                 Ok((state, SandboxView {
                     id: r.get(0)?,
@@ -340,6 +348,26 @@ impl Store {
                 out.push(view);
             }
             Ok(out)
+        })
+    }
+
+    /// Up to `limit` events after the event id `after`, oldest first, of one job or all.
+    pub fn events_after(&self, job: Option<&str>, after: i64, limit: usize) -> Result<Vec<EventView>, StoreError> {
+        self.with(|c| {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = match job {
+                Some(job) => c
+                    .prepare(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                    ))?
+                    .query_map(params![job, after, limit], event_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => c
+                    .prepare(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 ORDER BY id LIMIT ?2"))?
+                    .query_map(params![after, limit], event_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(rows)
         })
     }
 
@@ -421,6 +449,8 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, Store
     }))
 }
 
+const EVENT_COLUMNS: &str = "at, kind, job_id, sandbox_id, from_state, to_state, message, id";
+
 fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventView> {
     Ok(EventView {
         at_ms: r.get(0)?,
@@ -430,6 +460,7 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventView> {
         from_state: r.get(4)?,
         to_state: r.get(5)?,
         message: r.get(6)?,
+        id: r.get(7)?,
     })
 }
 

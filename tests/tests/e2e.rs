@@ -477,6 +477,107 @@ fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
     assert_cleaned_up(&d, &job);
 }
 
+/// Ctrl-C stops `job submit --follow`, not the job; `agentlab logs --follow` then
+/// prints the rest, each line exactly once. `--tail` and `--json` read the stored log,
+/// and `agentlab events` the job's history.
+#[test]
+fn follow_can_be_interrupted_and_resumed_without_losing_or_repeating_a_line() {
+    let d = Daemon::start();
+    let state_home = tempfile::tempdir().unwrap();
+    let cmd = "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done";
+    let mut first = std::process::Command::new(agentlab_tests::bin("agentlab"))
+        .args(["--socket", d.socket.to_str().unwrap(), "job", "submit", "--follow", "--cmd", cmd])
+        .env("XDG_STATE_HOME", state_home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once a few lines are out.
+    let mut stdout = first.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while seen.iter().filter(|b| **b == b'\n').count() < 3 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the follow ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    stdout.read_to_end(&mut seen).unwrap();
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let mut err = String::new();
+    first.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let id = only_job_id(&d);
+    assert!(
+        err.contains(&format!("stopped following; job {id} keeps running. Resume with: agentlab logs {id} --follow")),
+        "{err}"
+    );
+    assert_eq!(d.job_json(&id)["state"], "RUNNING", "Ctrl-C must not cancel the job");
+
+    let rest = std::process::Command::new(agentlab_tests::bin("agentlab"))
+        .args(["--socket", d.socket.to_str().unwrap(), "logs", &id, "--follow"])
+        .env("XDG_STATE_HOME", state_home.path())
+        .output()
+        .unwrap();
+    assert_eq!(rest.status.code(), Some(0), "{}", describe(&rest));
+    assert!(
+        String::from_utf8_lossy(&rest.stderr)
+            .starts_with(&format!("agentlab: resuming job {id} where the last follow stopped"))
+    );
+    seen.extend_from_slice(&rest.stdout);
+    let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(String::from_utf8(seen).unwrap(), expected);
+
+    assert_eq!(stdout_of(&d.cli(&["logs", &id, "--tail", "2"])), "line-39\nline-40\n");
+    let json = stdout_of(&d.cli(&["--json", "logs", &id, "--tail", "1"]));
+    let line: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!((line["stream"].as_str(), line["data"].as_str()), (Some("stdout"), Some("line-40\n")), "{json}");
+
+    let events = stdout_of(&d.cli(&["--json", "events", "--job", &id]));
+    let kinds: Vec<String> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("job.created"));
+    assert_eq!(kinds.iter().filter(|k| *k == "job.state").count(), 2, "{kinds:?}");
+    // Following a finished job's events ends by itself.
+    let followed = d.cli(&["events", "--job", &id, "--follow"]);
+    assert_eq!(stdout_of(&followed).lines().count(), kinds.len());
+}
+
+/// `agentlab job cancel` stops a running job in the guest (SIGTERM) and the sandbox goes.
+#[test]
+fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
+    let d = Daemon::start();
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = ids["job_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.job_json(id)["state"] != "RUNNING" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = d.cli(&["job", "cancel", id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout_of(&out), format!("job {id} is being stopped: SIGTERM now, SIGKILL after 5 s\n"));
+    let job = wait_for_end(&d, id);
+    assert_eq!(job["state"], "FAILED");
+    assert_eq!(job["signal"], 15);
+    assert_eq!(job["error"], "cancelled (agentlab job cancel); stopped with SIGTERM");
+    assert_cleaned_up(&d, &job);
+    let again = d.cli(&["job", "cancel", id]);
+    assert_eq!(again.status.code(), Some(125));
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr),
+        format!("agentlab: invalid: job {id} has already finished (FAILED)\n")
+    );
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", describe(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Plays the agent up to the job: Hello, the job, and the (empty) secrets it asks for.
 fn fake_agent_handshake(fake: &mut UnixStream) -> agentlab_protocol::JobSpec {
     let hello = Hello {

@@ -44,6 +44,9 @@ struct Args {
     /// How long a guest may take to boot and dial in.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
     boot_timeout: Duration,
+    /// Most output stored per job, MiB; beyond it the output is dropped after a marker.
+    #[arg(long, default_value_t = 1024)]
+    max_log_mb: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "AGENTLAB_LOG", default_value = "info")]
     log: String,
@@ -90,6 +93,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     config.profiles_dir = std::path::absolute(&args.profiles_dir).map_err(|e| format!("--profiles-dir: {e}"))?;
     config.boot_timeout = args.boot_timeout;
+    config.max_log_bytes = args.max_log_mb.saturating_mul(1024 * 1024);
 
     let backend = Arc::new(QemuBackend::new(config.qemu.clone()));
     let daemon = Daemon::open(config, backend.clone()).map_err(|e| e.to_string())?;

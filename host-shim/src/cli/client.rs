@@ -55,6 +55,8 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Artifacts(_) => "Artifacts",
         ApiResponse::ArtifactData { .. } => "ArtifactData",
         ApiResponse::Artifact(_) => "Artifact",
+        ApiResponse::Event(_) => "Event",
+        ApiResponse::Cancelled { .. } => "Cancelled",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

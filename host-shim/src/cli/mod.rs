@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod client;
+mod logs;
 mod render;
 mod secrets;
 mod submit;
@@ -43,6 +44,10 @@ enum Command {
     /// Sandbox profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// A job's output: stored, the last lines, or live (`--follow`).
+    Logs(logs::LogsArgs),
+    /// State changes and other events, of one job or all.
+    Events(logs::EventsArgs),
     /// Secrets bundles: stored encrypted by agentlabd, delivered once to each sandbox.
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
@@ -66,6 +71,8 @@ enum JobCommand {
     Show { id: String },
     /// List recent jobs, newest first.
     List,
+    /// Stop a job (SIGTERM, then SIGKILL after the grace); a queued job never starts.
+    Cancel { id: String },
     /// A job's artifacts: list them, or `download` them (checksums verified).
     Artifacts(artifacts::ArtifactsArgs),
 }
@@ -114,6 +121,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
         Command::Secrets(command) => secrets::run(&mut client, command, cli.json).await,
         Command::Job(JobCommand::Artifacts(args)) => artifacts::run(&mut client, args, cli.json).await,
+        Command::Job(JobCommand::Cancel { id }) => match client.call(ApiRequest::Cancel { id }).await? {
+            ApiResponse::Cancelled { message } => {
+                render::print(cli.json, &serde_json::json!({ "message": message }), || format!("{message}\n"));
+                Ok(ExitCode::SUCCESS)
+            }
+            other => Err(client::unexpected(other)),
+        },
+        Command::Logs(args) => logs::logs(&mut client, args, cli.json).await,
+        Command::Events(args) => logs::events(&mut client, args, cli.json).await,
         Command::Job(JobCommand::Show { id }) => match client.call(ApiRequest::JobShow { id }).await? {
             ApiResponse::Job(job) => {
                 render::print(cli.json, &*job, || render::job_detail(&job));

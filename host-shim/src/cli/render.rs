@@ -80,13 +80,7 @@ pub fn job_detail(job: &JobView) -> String {
     }
     let _ = writeln!(out, "events:");
     for e in &job.events {
-        let change = match (&e.from_state, &e.to_state) {
-            (Some(from), Some(to)) => format!("{from} -> {to}"),
-            (None, Some(to)) => format!("-> {to}"),
-            _ => String::new(),
-        };
-        let msg = e.message.as_deref().map(|m| m.lines().next().unwrap_or_default()).unwrap_or_default();
-        let _ = writeln!(out, "  {}  {:<20} {:<26} {msg}", time(e.at_ms), e.kind, change);
+        let _ = writeln!(out, "  {}", super::logs::event_line(e));
     }
     out
 }

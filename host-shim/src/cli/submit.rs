@@ -1,15 +1,15 @@
 //! `agentlab job submit`: send the job (and the repo as a tar stream), optionally
 //! follow its output, and exit with its exit code.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::ExitCode;
 
-use agentlab_protocol::{MAX_CHUNK_LEN, OutputStream};
+use agentlab_protocol::MAX_CHUNK_LEN;
 
 use super::SubmitArgs;
 use super::client::{Client, unexpected};
-use crate::api::{ApiRequest, ApiResponse, MAX_REPO_BYTES, SubmitRequest, exit_code_for};
+use crate::api::{ApiRequest, ApiResponse, MAX_REPO_BYTES, SubmitRequest};
 
 pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result<ExitCode, String> {
     let repo = match &args.repo {
@@ -49,43 +49,8 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
         }
         return Ok(ExitCode::SUCCESS);
     }
-    follow(client, &job_id, json).await
-}
-
-/// Streams output to stdout/stderr until the job ends; its exit code becomes ours.
-pub async fn follow(client: &mut Client, job_id: &str, json: bool) -> Result<ExitCode, String> {
-    client.send(ApiRequest::Follow { id: job_id.to_owned(), offset: 0 }).await?;
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    loop {
-        match client.recv().await? {
-            ApiResponse::Output { stream, data } => {
-                let written = if json {
-                    let line = serde_json::json!({
-                        "type": "output",
-                        "stream": if stream == OutputStream::Stdout { "stdout" } else { "stderr" },
-                        "data": String::from_utf8_lossy(&data),
-                    });
-                    writeln!(stdout, "{line}").and_then(|()| stdout.flush())
-                } else if stream == OutputStream::Stdout {
-                    stdout.write_all(&data).and_then(|()| stdout.flush())
-                } else {
-                    stderr.write_all(&data).and_then(|()| stderr.flush())
-                };
-                written.map_err(|e| format!("writing the job's output: {e}"))?;
-            }
-            ApiResponse::Job(job) => {
-                let code = exit_code_for(&job);
-                if json {
-                    println!("{}", serde_json::json!({ "type": "job", "job": &*job }));
-                } else if let Some(error) = &job.error {
-                    eprintln!("agentlab: job {} {}: {error}", job.id, job.state);
-                }
-                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
-            }
-            other => return Err(unexpected(other)),
-        }
-    }
+    let request = ApiRequest::Logs { id: job_id.clone(), offset: 0, tail_lines: None, follow: true };
+    super::logs::follow_output(client, &job_id, request, json).await
 }
 
 /// Packs a directory into a temporary tar file; returns it rewound, with its size.

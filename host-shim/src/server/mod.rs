@@ -1,5 +1,9 @@
 //! Serves the CLI on the daemon's Unix socket (mode 0660).
 
+mod artifacts;
+mod logs;
+mod secrets;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +14,6 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::api::{ApiRequest, ApiResponse, ServerConnection, SubmitRequest};
 use crate::daemon::Daemon;
 use crate::ids::new_id;
-use crate::joblog::{LogProgress, LogReader};
 
 const JOB_LIST_LIMIT: usize = 200;
 
@@ -68,95 +71,33 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
                 Err(e) => error(e),
             },
             ApiRequest::ProfileList => ApiResponse::Profiles(daemon.profiles.all().cloned().collect()),
-            ApiRequest::Follow { id, offset } => follow(&daemon, &mut conn, &id, offset).await?,
+            ApiRequest::Logs { id, offset, tail_lines, follow } => {
+                logs::logs(&daemon, &mut conn, &id, offset, tail_lines, follow).await?
+            }
+            ApiRequest::Events { job, after, follow } => {
+                logs::events(&daemon, &mut conn, job.as_deref(), after, follow).await?
+            }
+            ApiRequest::Cancel { id } => match daemon.cancel(&id) {
+                Ok(message) => ApiResponse::Cancelled { message },
+                Err(e) => error(e),
+            },
             ApiRequest::SecretSet { .. }
             | ApiRequest::SecretRemove { .. }
             | ApiRequest::SecretShow { .. }
-            | ApiRequest::SecretList => secrets_request(&daemon, request).await,
+            | ApiRequest::SecretList => secrets::request(&daemon, request).await,
             ApiRequest::ArtifactList { job } => match daemon.store.job(&job).and_then(|_| daemon.store.artifacts(&job))
             {
                 Ok(list) => ApiResponse::Artifacts(list),
                 Err(e) => error(e),
             },
-            ApiRequest::ArtifactFetch { job, path } => fetch_artifact(&daemon, &mut conn, &job, &path).await?,
+            ApiRequest::ArtifactFetch { job, path } => artifacts::fetch(&daemon, &mut conn, &job, &path).await?,
         };
         conn.send(reply).await?;
     }
     Ok(())
 }
 
-/// Secrets requests touch files and run age: off the async threads. Values go in,
-/// names and sizes come out, never values.
-async fn secrets_request(daemon: &Arc<Daemon>, request: ApiRequest) -> ApiResponse {
-    let daemon = daemon.clone();
-    let answer = tokio::task::spawn_blocking(move || {
-        let store = &daemon.secrets;
-        match request {
-            ApiRequest::SecretSet { bundle, entry } => {
-                let what = format!("{} {}", entry.kind.as_str(), entry.name);
-                let view = store.set(&bundle, entry)?;
-                tracing::info!("secrets: set {what} in bundle {bundle}");
-                Ok(ApiResponse::Bundle(view))
-            }
-            ApiRequest::SecretRemove { bundle, entry } => {
-                let removed = store.remove(&bundle, entry.as_ref().map(|(k, n)| (*k, n.as_str())))?;
-                tracing::info!(
-                    "secrets: removed {} from bundle {bundle}",
-                    entry.as_ref().map_or("everything".into(), |(k, n)| format!("{} {n}", k.as_str()))
-                );
-                Ok(removed.map_or(ApiResponse::Done, ApiResponse::Bundle))
-            }
-            ApiRequest::SecretShow { bundle } => store.show(&bundle).map(ApiResponse::Bundle),
-            ApiRequest::SecretList => store.list().map(ApiResponse::Bundles),
-            _ => Ok(error("not a secrets request")),
-        }
-    })
-    .await;
-    match answer {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => error(e),
-        Err(e) => error(format!("the secrets task failed: {e}")),
-    }
-}
-
-/// Streams one stored artifact. Only paths the database knows are served, and never
-/// through a symlink.
-async fn fetch_artifact(
-    daemon: &Daemon,
-    conn: &mut ServerConnection<UnixStream>,
-    job: &str,
-    path: &str,
-) -> Result<ApiResponse, agentlab_protocol::ProtocolError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    use tokio::io::AsyncReadExt;
-    let list = match daemon.store.job(job).and_then(|_| daemon.store.artifacts(job)) {
-        Ok(list) => list,
-        Err(e) => return Ok(error(e)),
-    };
-    let Some(view) = list.into_iter().find(|a| a.path == path) else {
-        return Ok(error(format!("job {job} has no artifact {path:?}; `agentlab job artifacts {job}` lists them")));
-    };
-    let file_path = daemon.config.job_dir(job).join("artifacts").join(&view.path);
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&file_path);
-    let mut file = match file {
-        Ok(f) => tokio::fs::File::from_std(f),
-        Err(e) => return Ok(error(format!("reading {}: {e}", file_path.display()))),
-    };
-    let mut buf = vec![0u8; agentlab_protocol::MAX_CHUNK_LEN];
-    loop {
-        let n = match file.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => return Ok(error(format!("reading {}: {e}", file_path.display()))),
-        };
-        if n == 0 {
-            break;
-        }
-        conn.send(ApiResponse::ArtifactData { data: buf[..n].to_vec() }).await?;
-    }
-    Ok(ApiResponse::Artifact(view))
-}
-
-fn error(e: impl ToString) -> ApiResponse {
+pub(super) fn error(e: impl ToString) -> ApiResponse {
     ApiResponse::Error { message: e.to_string() }
 }
 
@@ -213,51 +154,4 @@ async fn receive_upload(conn: &mut ServerConnection<UnixStream>, path: &Path, to
     }
     file.sync_all().await.map_err(|e| format!("storing the repo upload: {e}"))?;
     Ok(())
-}
-
-/// Streams a job's stored and live output from `offset`, then its final view.
-async fn follow(
-    daemon: &Daemon,
-    conn: &mut ServerConnection<UnixStream>,
-    id: &str,
-    offset: u64,
-) -> Result<ApiResponse, agentlab_protocol::ProtocolError> {
-    if let Err(e) = daemon.store.job(id) {
-        return Ok(error(e));
-    }
-    let path = daemon.config.job_dir(id).join("output.log");
-    let mut progress = daemon.live_log(id).map(|log| log.subscribe());
-    let mut reader = match LogReader::open(&path, offset) {
-        Ok(r) => Some(r),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Ok(error(format!("reading {}: {e}", path.display()))),
-    };
-    loop {
-        let now = match progress.as_mut() {
-            Some(rx) => *rx.borrow_and_update(),
-            None => LogProgress { len: std::fs::metadata(&path).map_or(0, |m| m.len()), closed: true },
-        };
-        if let Some(reader) = reader.as_mut() {
-            loop {
-                match reader.next_record(now.len) {
-                    Ok(Some((stream, data))) => conn.send(ApiResponse::Output { stream, data }).await?,
-                    Ok(None) => break,
-                    Err(e) => return Ok(error(format!("reading {}: {e}", path.display()))),
-                }
-            }
-        }
-        if now.closed {
-            break;
-        }
-        if let Some(rx) = progress.as_mut()
-            && rx.changed().await.is_err()
-        {
-            // The runner dropped the log: everything is on disk now.
-            progress = None;
-        }
-    }
-    Ok(match daemon.store.job(id) {
-        Ok(job) => ApiResponse::Job(Box::new(job)),
-        Err(e) => error(e),
-    })
 }
