@@ -19,8 +19,6 @@ use crate::{STATUS_SOCKET, agentlog, artifacts, job, sysinfo, upload};
 /// How long the agent waits for the host to accept its connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
-/// How long the agent waits for the host to acknowledge the result before exiting.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
@@ -251,7 +249,8 @@ async fn prepare_workdir<S: Stream>(
 }
 
 /// Answers the host until it says the result is stored (or goes away): pushes the
-/// artifacts when it asks for them, once.
+/// artifacts when it asks for them, once. No time limit: a sandbox kept after its job
+/// (`--keepalive`) waits here until the host ends it, and the host owns the VM anyway.
 async fn serve_until_shutdown<S: Stream>(
     conn: &mut GuestConnection<S>,
     workdir: &Path,
@@ -261,14 +260,7 @@ async fn serve_until_shutdown<S: Stream>(
 ) {
     let mut files = Some(files);
     loop {
-        let msg = match tokio::time::timeout(SHUTDOWN_WAIT, conn.recv()).await {
-            Ok(msg) => msg,
-            Err(_) => {
-                tracing::warn!("the host did not acknowledge the result within {} s", SHUTDOWN_WAIT.as_secs());
-                return;
-            }
-        };
-        match msg {
+        match conn.recv().await {
             Ok(Some(HostMessage::CollectArtifacts(request))) => {
                 let Some(mut files) = files.take() else {
                     tracing::warn!("the host asked for the artifacts twice; ignored");

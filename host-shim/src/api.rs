@@ -46,6 +46,21 @@ pub enum ApiRequest {
     Cancel {
         id: String,
     },
+    SandboxShow {
+        id: String,
+    },
+    /// The lease ends `ttl_ms` from now.
+    LeaseRenew {
+        id: String,
+        ttl_ms: u64,
+    },
+    /// Destroy a sandbox kept after its job; with `force`, one running a job too.
+    SandboxDestroy {
+        id: String,
+        force: bool,
+    },
+    /// Destroy every sandbox kept after its job.
+    SandboxPrune,
     /// Add or replace one secret of a bundle (creating the bundle).
     SecretSet {
         bundle: String,
@@ -81,6 +96,10 @@ pub struct SubmitRequest {
     pub repo_bytes: Option<u64>,
     /// Profile name; the daemon's default profile if absent.
     pub profile: Option<String>,
+    /// Lease length; the profile's `behavior.ttl_minutes_default` if absent.
+    pub ttl_ms: Option<u64>,
+    /// Keep the sandbox after the job; the profile's `behavior.keepalive_default` if absent.
+    pub keepalive: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,10 +131,11 @@ pub enum ApiResponse {
         data: Vec<u8>,
     },
     Artifact(ArtifactView),
-    /// What the cancellation did.
-    Cancelled {
-        message: String,
+    /// What a request did, in words.
+    Message {
+        text: String,
     },
+    Sandbox(Box<SandboxView>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,6 +172,11 @@ pub struct SandboxView {
     pub error: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Kept after its job, until its lease ends.
+    pub keepalive: bool,
+    pub lease_expires_at_ms: Option<i64>,
+    /// Filled by `sandbox show` only.
+    pub events: Vec<EventView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -60,8 +60,8 @@ pub struct HostSession<S> {
     sandbox_id: String,
     /// What both sides support, once the handshake is done.
     capabilities: Capabilities,
-    /// Turns true when the job is to be cancelled.
-    cancel: Option<watch::Receiver<bool>>,
+    /// Holds a reason once the job is to be cancelled.
+    cancel: Option<watch::Receiver<Option<String>>>,
 }
 
 /// Slack on top of the artifact cap for the tar stream's headers and padding.
@@ -77,9 +77,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         }
     }
 
-    /// While the job runs, a `true` on `cancel` makes the agent stop it.
+    /// While the job runs, a reason on `cancel` makes the agent stop it.
     #[must_use]
-    pub fn with_cancel(mut self, cancel: watch::Receiver<bool>) -> Self {
+    pub fn with_cancel(mut self, cancel: watch::Receiver<Option<String>>) -> Self {
         self.cancel = Some(cancel);
         self
     }
@@ -305,17 +305,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         }
     }
 
-    /// The next message, or `None` once when `cancel` turns true.
+    /// The next message, or `None` once when `cancel` gets a reason.
     async fn recv_or_cancel(
         &mut self,
         phase: &'static str,
-        cancel: &mut Option<watch::Receiver<bool>>,
+        cancel: &mut Option<watch::Receiver<Option<String>>>,
     ) -> Result<Option<GuestMessage>, SessionError> {
         loop {
             let Some(rx) = cancel.as_mut() else {
                 return self.recv(phase).await.map(Some);
             };
-            if *rx.borrow_and_update() {
+            if rx.borrow_and_update().is_some() {
                 *cancel = None;
                 return Ok(None);
             }

@@ -11,11 +11,12 @@ use crate::backend::Backend;
 use crate::config::{DEFAULT_PROFILE, DaemonConfig};
 use crate::ids::new_id;
 use crate::joblog::JobLog;
+use crate::leases::Kept;
 use crate::profile::{Profile, ProfileError, ProfileSet};
 use crate::runner::{self, QueuedJob};
 use crate::secrets::SecretStore;
 use crate::state::{JobState, SandboxState};
-use crate::store::{JobEnd, NewJob, Store, StoreError};
+use crate::store::{JobEnd, NewJob, Store, StoreError, now_ms};
 
 /// Longest command line accepted.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -41,12 +42,14 @@ pub struct Daemon {
     pub backend: Arc<dyn Backend>,
     pub secrets: SecretStore,
     live: Mutex<HashMap<String, LiveJob>>,
+    /// Sandboxes kept after their job.
+    pub kept: Kept,
 }
 
-/// A job that has not finished: its log, and the switch that cancels it.
+/// A job that has not finished: its log, and the switch that cancels it (with why).
 struct LiveJob {
     log: Arc<JobLog>,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Option<String>>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -73,7 +76,15 @@ impl Daemon {
             crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
         let store = Store::open(&config.db_path())?;
         let secrets = SecretStore::new(&config.secrets_dir());
-        let daemon = Arc::new(Daemon { config, store, profiles, backend, secrets, live: Mutex::new(HashMap::new()) });
+        let daemon = Arc::new(Daemon {
+            config,
+            store,
+            profiles,
+            backend,
+            secrets,
+            live: Mutex::new(HashMap::new()),
+            kept: Kept::default(),
+        });
         daemon.settle_unfinished()?;
         Ok(daemon)
     }
@@ -139,6 +150,10 @@ impl Daemon {
         };
         let job_dir = self.config.job_dir(&job_id);
         std::fs::create_dir_all(&job_dir).map_err(io_err(format!("creating {}", job_dir.display())))?;
+        let keepalive = req.keepalive.unwrap_or(profile.behavior.keepalive_default);
+        let ttl_ms = req.ttl_ms.unwrap_or(u64::from(profile.behavior.ttl_minutes_default) * 60_000);
+        let lease_expires_at_ms =
+            (ttl_ms > 0).then(|| now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX)));
         let log = Arc::new(
             JobLog::create(&job_dir.join("output.log"), self.config.max_log_bytes)
                 .map_err(io_err("creating the job log"))?,
@@ -151,8 +166,10 @@ impl Daemon {
             repo: req.repo_label.as_deref(),
             timeout_ms,
             profile: &profile.name,
+            keepalive,
+            lease_expires_at_ms,
         })?;
-        let (cancel, cancelled) = watch::channel(false);
+        let (cancel, cancelled) = watch::channel(None);
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -166,6 +183,7 @@ impl Daemon {
             log,
             profile,
             cancelled,
+            keepalive,
         };
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))
@@ -178,14 +196,27 @@ impl Daemon {
 
     /// Asks a job that has not finished to stop; says what will happen.
     pub fn cancel(&self, job_id: &str) -> Result<String, DaemonError> {
+        self.cancel_with(job_id, "cancelled (agentlab job cancel)")
+    }
+
+    /// Cancels a live job with `reason` (kept in its error); a second request is a no-op.
+    pub(crate) fn cancel_with(&self, job_id: &str, reason: &str) -> Result<String, DaemonError> {
         let job = self.store.job(job_id)?;
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = live.get(job_id) else {
             return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
         };
-        entry.cancel.send_replace(true);
+        let first = entry.cancel.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason.to_owned());
+            true
+        });
         drop(live);
-        let _ = self.store.record_event(Some(job_id), Some(&job.sandbox_id), "job.cancel", "cancellation requested");
+        if first {
+            let _ = self.store.record_event(Some(job_id), Some(&job.sandbox_id), "job.cancel", reason);
+        }
         Ok(match job.state {
             JobState::Queued => format!("job {job_id} is cancelled before it starts"),
             _ => format!(
@@ -193,6 +224,20 @@ impl Daemon {
                 self.config.kill_grace.as_secs()
             ),
         })
+    }
+
+    /// Whether the job has not finished yet.
+    pub fn is_live(&self, job_id: &str) -> bool {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).contains_key(job_id)
+    }
+
+    /// Whether the job has been asked to stop.
+    pub fn is_cancelling(&self, job_id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(job_id)
+            .is_some_and(|l| l.cancel.borrow().is_some())
     }
 
     pub(crate) fn job_done(&self, job_id: &str) {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod ids;
 pub mod joblog;
+pub mod leases;
 pub mod profile;
 mod runner;
 pub mod secrets;

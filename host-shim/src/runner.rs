@@ -18,6 +18,7 @@ use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
 use crate::joblog::JobLog;
+use crate::leases::KeptSandbox;
 use crate::profile::Profile;
 use crate::secrets::SecretStore;
 use crate::state::{JobState, SandboxState};
@@ -49,8 +50,17 @@ pub struct QueuedJob {
     pub timeout_ms: u64,
     pub upload: Option<PathBuf>,
     pub log: Arc<JobLog>,
-    /// Turns true when `agentlab job cancel` asks for it.
-    pub cancelled: watch::Receiver<bool>,
+    /// Holds the reason once the job is to be cancelled (`agentlab job cancel`, an
+    /// expired lease, `sandbox destroy --force`).
+    pub cancelled: watch::Receiver<Option<String>>,
+    /// Keep the sandbox after the job, until its lease ends.
+    pub keepalive: bool,
+}
+
+/// A sandbox whose job reported: its agent's session is still open.
+struct Held {
+    session: HostSession<UnixStream>,
+    listener: UnixListener,
 }
 
 /// How a job ended, before it is written down.
@@ -99,13 +109,13 @@ pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
 }
 
 /// Runs the job and tears its sandbox down; returns how it ended.
-async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
+async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
     let record = |to: SandboxState, msg: Option<&str>| set_sandbox(store, sb, to, msg);
 
-    if *job.cancelled.borrow() {
-        let msg = "cancelled before it started".to_owned();
+    if let Some(reason) = job.cancelled.borrow().clone() {
+        let msg = format!("{reason} before it started");
         record(SandboxState::Destroyed, Some(&msg));
         return Finish::failed(SandboxState::Destroyed, msg);
     }
@@ -149,8 +159,17 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
         &format!("profile {}: {}", job.profile.name, vm.shape()),
     );
 
-    let finish = boot_and_run(daemon, job, vm.as_mut(), secrets).await;
+    let mut held = None;
+    let finish = boot_and_run(daemon, job, vm.as_mut(), secrets, &mut held).await;
     record(finish.sandbox, Some(&finish.message));
+    if let Some(held) = held {
+        if job.keepalive && job.cancelled.borrow().is_none() {
+            keep(daemon, job, vm, held);
+            return finish;
+        }
+        let mut session = held.session;
+        session.shutdown().await;
+    }
     match vm.destroy().await {
         Ok(()) => record(SandboxState::Destroyed, None),
         Err(e) => {
@@ -160,6 +179,25 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
         }
     }
     finish
+}
+
+/// Hands the sandbox to the daemon's kept set: the VM and its agent's session stay until
+/// its lease ends or `agentlab sandbox destroy`.
+fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held) {
+    let (owner, job_id, sandbox_id) = (daemon.clone(), job.job_id.clone(), job.sandbox_id.clone());
+    let listener = held.listener;
+    let refuser =
+        tokio::spawn(
+            async move { match refuse_further_sessions(&listener, &owner.store, &job_id, &sandbox_id).await {} },
+        );
+    let lease = daemon.store.sandbox(&job.sandbox_id).ok().and_then(|s| s.lease_expires_at_ms).map_or_else(
+        || "it has no lease end".to_owned(),
+        |ms| format!("its lease ends {}", crate::cli::render_time(ms)),
+    );
+    let msg = format!("kept after its job ({lease}); `agentlab sandbox destroy {}` ends it now", job.sandbox_id);
+    let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "sandbox.kept", &msg);
+    let kept = KeptSandbox { job_id: job.job_id.clone(), vm, session: held.session, refuser };
+    daemon.kept.insert(&job.sandbox_id, kept);
 }
 
 /// The profile's secrets bundle, decrypted into memory. A profile whose bundle does not
@@ -187,7 +225,15 @@ async fn load_secrets(daemon: &Daemon, job: &QueuedJob) -> Result<SecretBundle, 
     }
 }
 
-async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, secrets: SecretBundle) -> Finish {
+/// Boots the VM and runs the job's session. If the job reports, its session is left in
+/// `held` (open), for the caller to close or keep.
+async fn boot_and_run(
+    daemon: &Daemon,
+    job: &QueuedJob,
+    vm: &mut dyn Sandbox,
+    secrets: SecretBundle,
+    held: &mut Option<Held>,
+) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
     let uds = match vm.channel() {
@@ -215,8 +261,9 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
     let mut cancelled = job.cancelled.clone();
     let stream: UnixStream = tokio::select! {
         biased;
-        Ok(_) = cancelled.wait_for(|c| *c) => {
-            return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: cancelled while it booted"));
+        Ok(reason) = cancelled.wait_for(Option::is_some) => {
+            let reason = reason.clone().unwrap_or_default();
+            return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason} while it booted"));
         }
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {
             Ok(Ok((stream, _))) => stream,
@@ -278,7 +325,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
             Err(_) => Ended::Silent(format!("the guest did not report a result within {} s of the job's start", watchdog.as_secs())),
         },
         exit = vm.exited() => Ended::Broken(format!("the VM stopped during the session: {}", exit.description)),
-        never = refuse_further_sessions(&listener, store, job) => match never {},
+        never = refuse_further_sessions(&listener, store, &job.job_id, &job.sandbox_id) => match never {},
     };
     if let Err(e) = observer.finish() {
         tracing::error!(job = %job.job_id, "storing the last of the job's output: {e}");
@@ -289,8 +336,9 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox, se
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &listener };
             collecting.artifacts(&redactor, vm).await;
-            session.shutdown().await;
-            return finish_from_result(&result, output_bytes);
+            let cancel_reason = job.cancelled.borrow().clone();
+            *held = Some(Held { session, listener });
+            return finish_from_result(&result, output_bytes, cancel_reason.as_deref());
         }
         Ended::Broken(reason) => (reason, false),
         Ended::Silent(reason) => (reason, true),
@@ -318,7 +366,8 @@ fn sanitized_enforcement(e: &Enforcement) -> Enforcement {
     }
 }
 
-fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
+/// How a reported job ended; `cancelled` is why it was cancelled, if it was.
+fn finish_from_result(result: &JobResult, output_bytes: u64, cancelled: Option<&str>) -> Finish {
     let enforcement = serde_json::to_string(&sanitized_enforcement(&result.enforcement)).ok();
     let mut end = JobEnd { duration_ms: Some(result.duration_ms), output_bytes, enforcement, ..JobEnd::default() };
     let (job, sandbox, message) = match &result.outcome {
@@ -341,11 +390,8 @@ fn finish_from_result(result: &JobResult, output_bytes: u64) -> Finish {
         }
         JobOutcome::Cancelled { signal } => {
             end.signal = Some(*signal);
-            (
-                JobState::Failed,
-                SandboxState::Completed,
-                format!("cancelled (agentlab job cancel); stopped with {}", signal_name(*signal)),
-            )
+            let why = cancelled.unwrap_or("cancelled");
+            (JobState::Failed, SandboxState::Completed, format!("{why}; stopped with {}", signal_name(*signal)))
         }
         JobOutcome::SpawnFailed { reason } => {
             (JobState::Failed, SandboxState::Failed, format!("the job could not start in the guest: {reason}"))
@@ -399,7 +445,7 @@ impl Collecting<'_, '_> {
                 Err(_) => Err(format!("the artifacts did not arrive within {} s", ARTIFACT_TIMEOUT.as_secs())),
             },
             exit = vm.exited() => Err(format!("the VM stopped while pushing artifacts: {}", exit.description)),
-            never = refuse_further_sessions(self.listener, &daemon.store, job) => match never {},
+            never = refuse_further_sessions(self.listener, &daemon.store, &job.job_id, &job.sandbox_id) => match never {},
         };
         drop(sink);
         match collected {
@@ -442,13 +488,18 @@ impl Collecting<'_, '_> {
 
 /// Turns away every connection after the first and records it (the first 16; a
 /// guest opening thousands must not fill the database). Never returns.
-async fn refuse_further_sessions(listener: &UnixListener, store: &Store, job: &QueuedJob) -> std::convert::Infallible {
+async fn refuse_further_sessions(
+    listener: &UnixListener,
+    store: &Store,
+    job_id: &str,
+    sandbox_id: &str,
+) -> std::convert::Infallible {
     const MAX_RECORDED: u32 = 16;
     // Long enough for a guest under TCG to send its Hello after the connection is up.
     const REFUSAL_WAIT: Duration = Duration::from_secs(5);
     let reason = format!(
         "sandbox {} already has its agent session; a second connection to the agent port is refused",
-        job.sandbox_id
+        sandbox_id
     );
     let mut refused = 0u32;
     loop {
@@ -457,7 +508,7 @@ async fn refuse_further_sessions(listener: &UnixListener, store: &Store, job: &Q
         };
         refused += 1;
         if refused <= MAX_RECORDED {
-            let _ = store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "channel.refused", &reason);
+            let _ = store.record_event(Some(job_id), Some(sandbox_id), "channel.refused", &reason);
         }
         // Its Hello is read (one bounded frame, briefly) so that the answer reaches it
         // rather than a reset: a real agent that lost the race then logs why it stops.

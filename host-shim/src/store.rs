@@ -11,7 +11,7 @@ use crate::api::{EventView, JobView, SandboxView};
 use crate::artifacts::ArtifactView;
 use crate::state::{JobState, SandboxState};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// Migrations from version N-1 to N, for N = 2, 3, …; each runs in one transaction.
 const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN profile TEXT;",
@@ -24,6 +24,8 @@ const MIGRATIONS: &[&str] = &[
         stored_at INTEGER NOT NULL,
         PRIMARY KEY (job_id, path)
     );",
+    "ALTER TABLE sandboxes ADD COLUMN keepalive INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sandboxes ADD COLUMN lease_expires_at INTEGER;",
 ];
 const SCHEMA: &str = "
 CREATE TABLE sandboxes (
@@ -94,6 +96,10 @@ pub struct NewJob<'a> {
     pub repo: Option<&'a str>,
     pub timeout_ms: u64,
     pub profile: &'a str,
+    /// Keep the sandbox after the job, until its lease ends.
+    pub keepalive: bool,
+    /// When the sandbox's lease ends (ms since the epoch); none: when its job ends.
+    pub lease_expires_at_ms: Option<i64>,
 }
 
 /// Result fields written together with a job's final transition.
@@ -161,8 +167,16 @@ impl Store {
         self.in_tx(|tx| {
             let now = now_ms();
             tx.execute(
-                "INSERT INTO sandboxes (id, backend, state, job_id, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                params![job.sandbox_id, job.backend, SandboxState::Requested.as_str(), job.job_id, now],
+                "INSERT INTO sandboxes (id, backend, state, job_id, created_at, updated_at, keepalive, lease_expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+                params![
+                    job.sandbox_id,
+                    job.backend,
+                    SandboxState::Requested.as_str(),
+                    job.job_id,
+                    now,
+                    job.keepalive,
+                    job.lease_expires_at_ms
+                ],
             )?;
             tx.execute(
                 "INSERT INTO jobs (id, sandbox_id, state, command, repo, timeout_ms, created_at, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -317,16 +331,44 @@ impl Store {
         self.sandboxes_where("1 = 1", [])
     }
 
+    /// One sandbox, with its events.
     pub fn sandbox(&self, id: &str) -> Result<SandboxView, StoreError> {
-        self.sandboxes_where("id = ?1", [id])?
+        let mut view = self
+            .sandboxes_where("id = ?1", [id])?
             .pop()
-            .ok_or_else(|| StoreError::NotFound { kind: "sandbox", id: id.to_owned() })
+            .ok_or_else(|| StoreError::NotFound { kind: "sandbox", id: id.to_owned() })?;
+        view.events = self.with(|c| {
+            let mut stmt =
+                c.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE sandbox_id = ?1 ORDER BY id"))?;
+            Ok(stmt.query_map([id], event_from_row)?.collect::<Result<_, _>>()?)
+        })?;
+        Ok(view)
+    }
+
+    /// Sandboxes with a VM whose lease ended before `now_ms`.
+    pub fn expired_sandboxes(&self, now_ms: i64) -> Result<Vec<SandboxView>, StoreError> {
+        self.sandboxes_where(
+            "state != 'DESTROYED' AND lease_expires_at IS NOT NULL AND lease_expires_at < ?1",
+            [now_ms],
+        )
+    }
+
+    /// Moves a sandbox's lease end, with an event.
+    pub fn renew_lease(&self, id: &str, expires_at_ms: i64, message: &str) -> Result<(), StoreError> {
+        self.in_tx(|tx| {
+            let job_id: Option<String> = tx
+                .query_row("SELECT job_id FROM sandboxes WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound { kind: "sandbox", id: id.to_owned() })?;
+            tx.execute("UPDATE sandboxes SET lease_expires_at = ?2 WHERE id = ?1", params![id, expires_at_ms])?;
+            insert_event(tx, job_id.as_deref(), Some(id), "lease.renewed", None, None, Some(message))
+        })
     }
 
     fn sandboxes_where<P: rusqlite::Params>(&self, condition: &str, params: P) -> Result<Vec<SandboxView>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT id, backend, state, job_id, accel, error, created_at, updated_at FROM sandboxes WHERE {condition} ORDER BY created_at DESC, rowid DESC"
+                "SELECT id, backend, state, job_id, accel, error, created_at, updated_at, keepalive, lease_expires_at FROM sandboxes WHERE {condition} ORDER BY created_at DESC, rowid DESC"
             ))?;
             let rows = stmt.query_map(params, |r| {
                 let state: String = r.get(2)?;
@@ -339,6 +381,9 @@ impl Store {
                     error: r.get(5)?,
                     created_at_ms: r.get(6)?,
                     updated_at_ms: r.get(7)?,
+                    keepalive: r.get(8)?,
+                    lease_expires_at_ms: r.get(9)?,
+                    events: Vec::new(),
                 }))
             })?;
             let mut out = Vec::new();

@@ -552,11 +552,7 @@ fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
     let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = ids["job_id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while d.job_json(id)["state"] != "RUNNING" {
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_running(&d, id);
     let out = d.cli(&["job", "cancel", id]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(stdout_of(&out), format!("job {id} is being stopped: SIGTERM now, SIGKILL after 5 s\n"));
@@ -571,6 +567,114 @@ fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
         String::from_utf8_lossy(&again.stderr),
         format!("agentlab: invalid: job {id} has already finished (FAILED)\n")
     );
+}
+
+fn wait_for_running(d: &Daemon, job_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while d.job_json(job_id)["state"] != "RUNNING" {
+        assert!(Instant::now() < deadline, "the job never ran: {}", d.job_json(job_id));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sandbox_json(d: &Daemon, id: &str) -> Value {
+    serde_json::from_slice(&d.cli(&["--json", "sandbox", "show", id]).stdout).unwrap()
+}
+
+fn wait_for_sandbox_state(d: &Daemon, id: &str, state: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let sb = sandbox_json(d, id);
+        if sb["state"] == state {
+            return sb;
+        }
+        assert!(Instant::now() < deadline, "sandbox never reached {state}: {sb:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn event_kinds(view: &Value) -> Vec<String> {
+    view["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
+}
+
+/// `--keepalive` keeps the VM after the job; the lease can be renewed; when it ends the
+/// reaper destroys the sandbox.
+#[test]
+fn a_kept_sandbox_lives_until_its_lease_ends_and_renewal_moves_the_end() {
+    let d = Daemon::start_with(&["--lease-check-interval", "200ms"]);
+    let out = d.cli(&["job", "submit", "--follow", "--keepalive", "--ttl", "10m", "--cmd", "echo kept"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    assert_eq!(stdout(&out), "kept\n");
+    let job = d.job_json(&only_job_id(&d));
+    let sb = job["sandbox_id"].as_str().unwrap();
+    let view = sandbox_json(&d, sb);
+    assert_eq!((view["state"].as_str(), view["keepalive"].as_bool()), (Some("COMPLETED"), Some(true)), "{view:#}");
+    assert!(event_kinds(&view).contains(&"sandbox.kept".to_owned()), "{view:#}");
+    assert_eq!(d.processes_using_state().len(), 2, "the VM and its device stay");
+    let shown = stdout(&d.cli(&["sandbox", "show", sb]));
+    assert!(shown.contains("keepalive:  yes\n") && shown.contains("lease:      ends "), "{shown}");
+
+    let renewed = d.cli(&["--json", "sandbox", "lease", "renew", sb, "--ttl", "2s"]);
+    assert!(renewed.status.success(), "{}", describe(&renewed));
+    let view: Value = serde_json::from_slice(&renewed.stdout).unwrap();
+    let ends = view["lease_expires_at_ms"].as_i64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!((now..now + 2500).contains(&ends), "lease ends {ends}, now {now}");
+    let view = wait_for_sandbox_state(&d, sb, "DESTROYED", Duration::from_secs(30));
+    let kinds = event_kinds(&view);
+    assert!(kinds.contains(&"lease.renewed".to_owned()) && kinds.contains(&"lease.expired".to_owned()), "{kinds:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.processes_using_state().is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", d.processes_using_state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.job_json(job["id"].as_str().unwrap())["state"], "COMPLETED", "the job's result stays");
+}
+
+/// A lease that ends while the job runs stops the job and destroys the sandbox;
+/// `sandbox destroy` needs --force for a running job; `prune` ends kept sandboxes.
+#[test]
+fn leases_and_destroy_stop_running_jobs_and_prune_ends_kept_sandboxes() {
+    let d = Daemon::start_with(&["--lease-check-interval", "200ms"]);
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    wait_for_running(&d, ids["job_id"].as_str().unwrap());
+    // The lease ends a second from now, while the job runs.
+    assert!(d.cli(&["sandbox", "lease", "renew", ids["sandbox_id"].as_str().unwrap(), "--ttl", "1s"]).status.success());
+    let job = wait_for_end(&d, ids["job_id"].as_str().unwrap());
+    assert_eq!(job["state"], "FAILED");
+    assert_eq!(job["error"], "cancelled: the sandbox's lease expired; stopped with SIGTERM");
+    wait_for_sandbox_state(&d, ids["sandbox_id"].as_str().unwrap(), "DESTROYED", Duration::from_secs(30));
+
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (job_id, sb) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
+    wait_for_running(&d, job_id);
+    let refused = d.cli(&["sandbox", "destroy", sb]);
+    assert_eq!(refused.status.code(), Some(125));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!(
+            "agentlab: invalid: sandbox {sb} is running job {job_id}: cancel the job (agentlab job cancel {job_id}) or pass --force\n"
+        )
+    );
+    assert!(d.cli(&["sandbox", "destroy", "--force", sb]).status.success());
+    let job = wait_for_end(&d, job_id);
+    assert_eq!(
+        job["error"],
+        "cancelled: its sandbox was destroyed (agentlab sandbox destroy --force); stopped with SIGTERM"
+    );
+    wait_for_sandbox_state(&d, sb, "DESTROYED", Duration::from_secs(30));
+
+    let out = d.cli(&["--json", "job", "submit", "--follow", "--keepalive", "--cmd", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let kept = d.job_json(&only_job_id(&d));
+    let kept_sb = kept["sandbox_id"].as_str().unwrap();
+    assert_eq!(sandbox_json(&d, kept_sb)["state"], "COMPLETED");
+    assert_eq!(stdout(&d.cli(&["sandbox", "prune"])), format!("{kept_sb}: destroyed\n"));
+    assert_eq!(sandbox_json(&d, kept_sb)["state"], "DESTROYED");
+    assert_eq!(stdout(&d.cli(&["sandbox", "prune"])), "no sandbox is kept after its job\n");
+    assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());
 }
 
 fn stdout_of(out: &std::process::Output) -> String {

@@ -47,6 +47,9 @@ struct Args {
     /// Most output stored per job, MiB; beyond it the output is dropped after a marker.
     #[arg(long, default_value_t = 1024)]
     max_log_mb: u64,
+    /// How often expired sandbox leases are looked for.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    lease_check_interval: Duration,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "AGENTLAB_LOG", default_value = "info")]
     log: String,
@@ -101,6 +104,7 @@ async fn run(args: Args) -> Result<(), String> {
         // Not fatal: the daemon still serves state; each job fails with this reason.
         tracing::warn!("the qemu backend is not ready, jobs will fail until this is fixed: {e}");
     }
+    tokio::spawn(agentlab_host::leases::reaper(daemon.clone(), args.lease_check_interval));
     let listener = agentlab_host::server::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
     tracing::info!("agentlabd serving on {} (state in {})", socket.display(), state_dir.display());
 

@@ -56,7 +56,8 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::ArtifactData { .. } => "ArtifactData",
         ApiResponse::Artifact(_) => "Artifact",
         ApiResponse::Event(_) => "Event",
-        ApiResponse::Cancelled { .. } => "Cancelled",
+        ApiResponse::Message { .. } => "Message",
+        ApiResponse::Sandbox(_) => "Sandbox",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

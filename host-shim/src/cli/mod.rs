@@ -81,6 +81,29 @@ enum JobCommand {
 enum SandboxCommand {
     /// List sandboxes, newest first.
     List,
+    /// One sandbox: state, lease, events.
+    Show { id: String },
+    /// The sandbox's lease.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Destroy a sandbox kept after its job (--force: one running a job too).
+    Destroy {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Destroy every sandbox kept after its job.
+    Prune,
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Make the lease end DURATION from now.
+    Renew {
+        id: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(clap::Args)]
@@ -100,6 +123,18 @@ pub struct SubmitArgs {
     /// Sandbox profile (see `agentlab profile list`) [default: yolo-ephemeral].
     #[arg(long)]
     profile: Option<String>,
+    /// The sandbox's lease, like 30m or 8h, after which it is stopped and destroyed
+    /// [default: the profile's behavior.ttl_minutes_default].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Keep the sandbox after the job, until its lease ends or `agentlab sandbox destroy`.
+    #[arg(long)]
+    keepalive: bool,
+}
+
+/// A time as the CLI shows it (RFC 3339, milliseconds).
+pub fn render_time(ms: i64) -> String {
+    render::time(ms)
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
@@ -122,10 +157,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
         Command::Secrets(command) => secrets::run(&mut client, command, cli.json).await,
         Command::Job(JobCommand::Artifacts(args)) => artifacts::run(&mut client, args, cli.json).await,
         Command::Job(JobCommand::Cancel { id }) => match client.call(ApiRequest::Cancel { id }).await? {
-            ApiResponse::Cancelled { message } => {
-                render::print(cli.json, &serde_json::json!({ "message": message }), || format!("{message}\n"));
+            ApiResponse::Message { text } => print_message(cli.json, &text),
+            other => Err(client::unexpected(other)),
+        },
+        Command::Sandbox(SandboxCommand::Show { id }) => match client.call(ApiRequest::SandboxShow { id }).await? {
+            ApiResponse::Sandbox(view) => {
+                render::print(cli.json, &*view, || render::sandbox_detail(&view));
                 Ok(ExitCode::SUCCESS)
             }
+            other => Err(client::unexpected(other)),
+        },
+        Command::Sandbox(SandboxCommand::Lease(LeaseCommand::Renew { id, ttl })) => {
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            match client.call(ApiRequest::LeaseRenew { id, ttl_ms }).await? {
+                ApiResponse::Sandbox(view) => {
+                    render::print(cli.json, &*view, || render::sandbox_detail(&view));
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => Err(client::unexpected(other)),
+            }
+        }
+        Command::Sandbox(SandboxCommand::Destroy { id, force }) => {
+            match client.call(ApiRequest::SandboxDestroy { id, force }).await? {
+                ApiResponse::Message { text } => print_message(cli.json, &text),
+                other => Err(client::unexpected(other)),
+            }
+        }
+        Command::Sandbox(SandboxCommand::Prune) => match client.call(ApiRequest::SandboxPrune).await? {
+            ApiResponse::Message { text } => print_message(cli.json, &text),
             other => Err(client::unexpected(other)),
         },
         Command::Logs(args) => logs::logs(&mut client, args, cli.json).await,
@@ -170,6 +229,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             other => Err(client::unexpected(other)),
         },
     }
+}
+
+fn print_message(json: bool, text: &str) -> Result<ExitCode, String> {
+    render::print(json, &serde_json::json!({ "message": text }), || format!("{text}\n"));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate_profile_file(file: &std::path::Path, json: bool) -> Result<ExitCode, String> {

@@ -116,6 +116,35 @@ pub fn sandbox_table(list: &[SandboxView]) -> String {
     out
 }
 
+pub fn sandbox_detail(s: &SandboxView) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: &str| {
+        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+    };
+    field("sandbox", &s.id);
+    field("state", s.state.as_str());
+    field("backend", &s.backend);
+    if let Some(job) = &s.job_id {
+        field("job", job);
+    }
+    if let Some(accel) = &s.accel {
+        field("accel", accel);
+    }
+    field("keepalive", if s.keepalive { "yes" } else { "no" });
+    field(
+        "lease",
+        &s.lease_expires_at_ms.map_or_else(|| "until its job ends".to_owned(), |ms| format!("ends {}", time(ms))),
+    );
+    if let Some(error) = &s.error {
+        field("error", error);
+    }
+    let _ = writeln!(out, "events:");
+    for e in &s.events {
+        let _ = writeln!(out, "  {}", super::logs::event_line(e));
+    }
+    out
+}
+
 pub fn profile_table(profiles: &[Profile]) -> String {
     let mut out = format!(
         "{:<20} {:>5} {:>7} {:<9} {:<11} {}\n",

@@ -25,6 +25,8 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
         repo_bytes: repo.as_ref().map(|(_, len)| *len),
         profile: args.profile.clone(),
+        ttl_ms: args.ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        keepalive: args.keepalive.then_some(true),
     };
     client.send(ApiRequest::Submit(request)).await?;
     if let Some((mut file, _)) = repo {

@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::api::{ApiRequest, ApiResponse, ServerConnection, SubmitRequest};
 use crate::daemon::Daemon;
 use crate::ids::new_id;
+use crate::leases;
 
 const JOB_LIST_LIMIT: usize = 200;
 
@@ -78,9 +79,29 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
                 logs::events(&daemon, &mut conn, job.as_deref(), after, follow).await?
             }
             ApiRequest::Cancel { id } => match daemon.cancel(&id) {
-                Ok(message) => ApiResponse::Cancelled { message },
+                Ok(text) => ApiResponse::Message { text },
                 Err(e) => error(e),
             },
+            ApiRequest::SandboxShow { id } => match daemon.store.sandbox(&id) {
+                Ok(view) => ApiResponse::Sandbox(Box::new(view)),
+                Err(e) => error(e),
+            },
+            ApiRequest::LeaseRenew { id, ttl_ms } => {
+                match leases::renew(&daemon, &id, std::time::Duration::from_millis(ttl_ms)) {
+                    Ok(view) => ApiResponse::Sandbox(Box::new(view)),
+                    Err(e) => error(e),
+                }
+            }
+            ApiRequest::SandboxDestroy { id, force } => match leases::destroy(&daemon, &id, force).await {
+                Ok(text) => ApiResponse::Message { text },
+                Err(e) => error(e),
+            },
+            ApiRequest::SandboxPrune => {
+                let done = leases::prune(&daemon).await;
+                let text =
+                    if done.is_empty() { "no sandbox is kept after its job".to_owned() } else { done.join("\n") };
+                ApiResponse::Message { text }
+            }
             ApiRequest::SecretSet { .. }
             | ApiRequest::SecretRemove { .. }
             | ApiRequest::SecretShow { .. }
