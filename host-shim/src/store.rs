@@ -546,9 +546,27 @@ mod tests {
                 repo: None,
                 timeout_ms: 5000,
                 profile: "p",
+                keepalive: false,
+                lease_expires_at_ms: Some(1000),
             })
             .unwrap();
         (job, sb)
+    }
+
+    #[test]
+    fn leases_expire_renew_and_show_with_events() {
+        let (_dir, store) = store();
+        let (_, sb) = new_job(&store, 7);
+        assert_eq!(store.expired_sandboxes(999).unwrap().len(), 0);
+        assert_eq!(store.expired_sandboxes(1001).unwrap()[0].id, sb);
+        store.renew_lease(&sb, 5000, "the lease now ends in 4s").unwrap();
+        assert!(store.expired_sandboxes(1001).unwrap().is_empty());
+        let view = store.sandbox(&sb).unwrap();
+        assert_eq!(view.lease_expires_at_ms, Some(5000));
+        assert_eq!(view.events.last().unwrap().kind, "lease.renewed");
+        store.transition_sandbox(&sb, SandboxState::Destroyed, None).unwrap();
+        assert!(store.expired_sandboxes(6000).unwrap().is_empty(), "a destroyed sandbox has no lease to expire");
+        assert!(matches!(store.renew_lease("sb-none", 1, "x"), Err(StoreError::NotFound { .. })));
     }
 
     #[test]
@@ -584,7 +602,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "the state database {} has schema version 99, newer than this agentlabd (3); upgrade agentlabd",
+                "the state database {} has schema version 99, newer than this agentlabd ({SCHEMA_VERSION}); upgrade agentlabd",
                 path.display()
             )
         );
