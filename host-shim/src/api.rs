@@ -159,6 +159,8 @@ pub struct JobView {
     pub profile: Option<String>,
     /// What the guest reported it enforced (untrusted: the guest's own account).
     pub enforcement: Option<Enforcement>,
+    /// For a queued job: where it stands and what it waits for (not stored).
+    pub queue: Option<String>,
     pub events: Vec<EventView>,
 }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::admission::Budget;
 use crate::backend::qemu::{Accel, QemuConfig};
 
 pub const DEFAULT_SOCKET: &str = "/run/agentlab/agentlabd.sock";
@@ -31,6 +32,23 @@ pub struct DaemonConfig {
     pub report_slack: Duration,
     /// Most bytes of output stored per job; the rest is dropped after a marker.
     pub max_log_bytes: u64,
+    /// What all sandboxes together may be given; jobs beyond it wait in the queue.
+    pub budget: Budget,
+}
+
+/// The default host budget: four vCPUs per host CPU (sandboxes are mostly idle, waiting
+/// on a model), and 90% of the host's memory.
+pub fn default_budget() -> Budget {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(4 * 1024 * 1024);
+    Budget { cores: cpus * 4, memory_mb: total_kib / 1024 * 9 / 10 }
 }
 
 impl DaemonConfig {
@@ -54,6 +72,7 @@ impl DaemonConfig {
             kill_grace: Duration::from_secs(5),
             report_slack: Duration::from_secs(60),
             max_log_bytes: 1 << 30,
+            budget: default_budget(),
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::api::{MAX_REPO_BYTES, SubmitRequest};
 use crate::backend::Backend;
 use crate::config::{DEFAULT_PROFILE, DaemonConfig};
@@ -44,6 +45,7 @@ pub struct Daemon {
     live: Mutex<HashMap<String, LiveJob>>,
     /// Sandboxes kept after their job.
     pub kept: Kept,
+    pub admission: Arc<Admission>,
 }
 
 /// A job that has not finished: its log, and the switch that cancels it (with why).
@@ -76,6 +78,7 @@ impl Daemon {
             crate::profile::load_dir(&config.profiles_dir).map_err(|e| DaemonError::Profiles(Box::new(e)))?;
         let store = Store::open(&config.db_path())?;
         let secrets = SecretStore::new(&config.secrets_dir());
+        let admission = Admission::new(config.budget);
         let daemon = Arc::new(Daemon {
             config,
             store,
@@ -84,6 +87,7 @@ impl Daemon {
             secrets,
             live: Mutex::new(HashMap::new()),
             kept: Kept::default(),
+            admission,
         });
         daemon.settle_unfinished()?;
         Ok(daemon)

@@ -23,6 +23,8 @@ pub struct KeptSandbox {
     pub session: HostSession<UnixStream>,
     /// Keeps refusing (and recording) other connections to the agent port.
     pub refuser: JoinHandle<()>,
+    /// Its share of the host's budget, held until it is destroyed.
+    pub _admitted: crate::admission::Admitted,
 }
 
 /// The kept sandboxes, by id.

@@ -1,5 +1,6 @@
 //! agentlabd, the host shim, and the library behind `agentlab`, its CLI.
 
+pub mod admission;
 pub mod api;
 pub mod artifacts;
 pub mod backend;

@@ -14,6 +14,7 @@ use agentlab_redact::{RedactStream, Redactor};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::admission::{Admitted, Need};
 use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
@@ -114,11 +115,13 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     let sb = job.sandbox_id.as_str();
     let record = |to: SandboxState, msg: Option<&str>| set_sandbox(store, sb, to, msg);
 
-    if let Some(reason) = job.cancelled.borrow().clone() {
-        let msg = format!("{reason} before it started");
-        record(SandboxState::Destroyed, Some(&msg));
-        return Finish::failed(SandboxState::Destroyed, msg);
-    }
+    let admitted = match admit(daemon, job).await {
+        Ok(admitted) => admitted,
+        Err(msg) => {
+            record(SandboxState::Destroyed, Some(&msg));
+            return Finish::failed(SandboxState::Destroyed, msg);
+        }
+    };
     record(SandboxState::Provisioning, None);
     let secrets = match load_secrets(daemon, job).await {
         Ok(secrets) => secrets,
@@ -164,7 +167,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     record(finish.sandbox, Some(&finish.message));
     if let Some(held) = held {
         if job.keepalive && job.cancelled.borrow().is_none() {
-            keep(daemon, job, vm, held);
+            keep(daemon, job, vm, held, admitted);
             return finish;
         }
         let mut session = held.session;
@@ -183,7 +186,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
 
 /// Hands the sandbox to the daemon's kept set: the VM and its agent's session stay until
 /// its lease ends or `agentlab sandbox destroy`.
-fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held) {
+fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held, admitted: Admitted) {
     let (owner, job_id, sandbox_id) = (daemon.clone(), job.job_id.clone(), job.sandbox_id.clone());
     let listener = held.listener;
     let refuser =
@@ -196,8 +199,30 @@ fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held)
     );
     let msg = format!("kept after its job ({lease}); `agentlab sandbox destroy {}` ends it now", job.sandbox_id);
     let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "sandbox.kept", &msg);
-    let kept = KeptSandbox { job_id: job.job_id.clone(), vm, session: held.session, refuser };
+    let kept = KeptSandbox { job_id: job.job_id.clone(), vm, session: held.session, refuser, _admitted: admitted };
     daemon.kept.insert(&job.sandbox_id, kept);
+}
+
+/// Waits until the host's budget and the profile's limit leave room for the sandbox
+/// (recording why, if it has to wait), or until the job is cancelled.
+async fn admit(daemon: &Daemon, job: &QueuedJob) -> Result<Admitted, String> {
+    let resources = &job.profile.resources;
+    let (cores, memory_mb) = daemon.backend.granted(resources.cores, resources.memory_mb);
+    let need = Need {
+        cores,
+        memory_mb: u64::from(memory_mb),
+        profile: job.profile.name.clone(),
+        profile_max: job.profile.max_sandboxes,
+    };
+    let on_wait = |why: String| {
+        let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "job.queued", &why);
+    };
+    let mut cancelled = job.cancelled.clone();
+    tokio::select! {
+        biased;
+        Ok(reason) = cancelled.wait_for(Option::is_some) => Err(format!("{} before it started", reason.clone().unwrap_or_default())),
+        admitted = daemon.admission.acquire(&job.job_id, need, on_wait) => admitted.map_err(|e| e.to_string()),
+    }
 }
 
 /// The profile's secrets bundle, decrypted into memory. A profile whose bundle does not

@@ -490,6 +490,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, Store
         duration_ms: duration_ms.map(|d| u64::try_from(d).unwrap_or(0)),
         profile: r.get(16)?,
         enforcement: r.get::<_, Option<String>>(17)?.and_then(|json| serde_json::from_str(&json).ok()),
+        queue: None,
         events: Vec::new(),
     }))
 }

@@ -677,6 +677,54 @@ fn leases_and_destroy_stop_running_jobs_and_prune_ends_kept_sandboxes() {
     assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());
 }
 
+/// Four microVM jobs run at once within the budget; a fifth waits in the queue, says
+/// what for, and runs when one of the four is done.
+#[test]
+fn four_jobs_run_at_once_and_a_fifth_waits_for_the_budget() {
+    let d = Daemon::start_with(&["--budget-cores", "8", "--budget-memory-mb", "2048", "--max-vm-memory-mb", "512"]);
+    let cpus = std::thread::available_parallelism().unwrap().get().min(2) as u32;
+    assert_eq!(cpus, 2, "the budget below assumes 2-vCPU sandboxes");
+    let submit = |n: u32| -> String {
+        let cmd = format!("echo start-{n}; sleep 40; echo end-{n}");
+        let out = d.cli(&["--json", "job", "submit", "--cmd", &cmd]);
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_owned()
+    };
+    let first: Vec<String> = (1..=4).map(submit).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let states: Vec<Value> = first.iter().map(|id| d.job_json(id)["state"].clone()).collect();
+        if states.iter().all(|s| s == "RUNNING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never all four running: {states:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fifth = submit(5);
+    std::thread::sleep(Duration::from_millis(500));
+    let queued = d.job_json(&fifth);
+    assert_eq!(queued["state"], "QUEUED");
+    assert_eq!(
+        queued["queue"],
+        "position 1 of 1, waiting for 2 vCPUs (8 of 8 in use) and 512 MiB of memory (2048 of 2048 MiB in use)"
+    );
+    let shown = stdout(&d.cli(&["job", "show", &fifth]));
+    assert!(shown.contains("queued:     position 1 of 1, waiting for 2 vCPUs"), "{shown}");
+    for (n, id) in first.iter().chain(std::iter::once(&fifth)).enumerate() {
+        let job = wait_for_end(&d, id);
+        assert_eq!(job["state"], "COMPLETED", "{job:#}");
+        let out = stdout(&d.cli(&["logs", id]));
+        assert_eq!(out, format!("start-{0}\nend-{0}\n", n + 1));
+    }
+    // The fifth started only after one of the first four had finished.
+    let fifth_job = d.job_json(&fifth);
+    let fifth_started = fifth_job["started_at_ms"].as_i64().unwrap();
+    let first_done = first.iter().map(|id| d.job_json(id)["finished_at_ms"].as_i64().unwrap()).min().unwrap();
+    assert!(fifth_started > first_done, "the fifth ran before any slot was free");
+    let waited = fifth_job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "job.queued").unwrap();
+    assert!(waited["message"].as_str().unwrap().starts_with("position 1 of 1, waiting for 2 vCPUs"), "{waited}");
+}
+
 fn stdout_of(out: &std::process::Output) -> String {
     assert!(out.status.success(), "{}", describe(out));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -727,7 +775,7 @@ fn hijack_agent_socket(d: &Daemon, cmd: &str) -> (String, UnixStream) {
 }
 
 fn wait_for_end(d: &Daemon, job_id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let job = d.job_json(job_id);
         if ["COMPLETED", "FAILED", "TIMEOUT"].contains(&job["state"].as_str().unwrap()) {

@@ -55,6 +55,12 @@ pub enum BackendError {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
+    /// The vCPUs and memory (MiB) a sandbox asking for `cores` and `memory_mb` gets,
+    /// which is what admission control counts against the host's budget.
+    fn granted(&self, cores: u32, memory_mb: u32) -> (u32, u32) {
+        (cores, memory_mb)
+    }
+
     /// Checks everything a sandbox needs, so a job fails before any VM exists.
     async fn preflight(&self) -> Result<(), BackendError>;
 

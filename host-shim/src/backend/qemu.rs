@@ -198,6 +198,10 @@ impl Backend for QemuBackend {
         "qemu"
     }
 
+    fn granted(&self, cores: u32, memory_mb: u32) -> (u32, u32) {
+        (cores.clamp(1, self.config.max_cpus.max(1)), memory_mb.clamp(128, self.config.max_memory_mb.max(128)))
+    }
+
     async fn preflight(&self) -> Result<(), BackendError> {
         self.binaries()?;
         self.check_image()
@@ -213,9 +217,10 @@ impl Backend for QemuBackend {
         let vhost_socket = dir.join("vhost.sock");
         let uds = dir.join("vsock.sock");
         let vhost_log = dir.join("vhost-device-vsock.log");
+        let (cpus, memory_mb) = self.granted(req.cores, req.memory_mb);
         let mut sandbox = QemuSandbox {
-            cpus: req.cores.clamp(1, self.config.max_cpus.max(1)),
-            memory_mb: req.memory_mb.clamp(128, self.config.max_memory_mb.max(128)),
+            cpus,
+            memory_mb,
             config: self.config.clone(),
             dir,
             qemu_bin: bins.qemu,

@@ -47,6 +47,13 @@ struct Args {
     /// Most output stored per job, MiB; beyond it the output is dropped after a marker.
     #[arg(long, default_value_t = 1024)]
     max_log_mb: u64,
+    /// vCPUs all sandboxes together may have; more jobs wait in the queue
+    /// [default: 4 per host CPU].
+    #[arg(long)]
+    budget_cores: Option<u32>,
+    /// Memory all sandboxes together may have, MiB [default: 90% of the host's].
+    #[arg(long)]
+    budget_memory_mb: Option<u64>,
     /// How often expired sandbox leases are looked for.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     lease_check_interval: Duration,
@@ -97,6 +104,12 @@ async fn run(args: Args) -> Result<(), String> {
     config.profiles_dir = std::path::absolute(&args.profiles_dir).map_err(|e| format!("--profiles-dir: {e}"))?;
     config.boot_timeout = args.boot_timeout;
     config.max_log_bytes = args.max_log_mb.saturating_mul(1024 * 1024);
+    if let Some(cores) = args.budget_cores {
+        config.budget.cores = cores;
+    }
+    if let Some(mb) = args.budget_memory_mb {
+        config.budget.memory_mb = mb;
+    }
 
     let backend = Arc::new(QemuBackend::new(config.qemu.clone()));
     let daemon = Daemon::open(config, backend.clone()).map_err(|e| e.to_string())?;

@@ -32,6 +32,9 @@ pub fn job_detail(job: &JobView) -> String {
     };
     field("job", &job.id);
     field("state", job.state.as_str());
+    if let Some(queue) = &job.queue {
+        field("queued", queue);
+    }
     field("sandbox", &job.sandbox_id);
     field("command", &job.command);
     if let Some(profile) = &job.profile {

@@ -60,11 +60,19 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
             ApiRequest::Submit(req) => submit(&daemon, &mut conn, req).await?,
             ApiRequest::UploadChunk { .. } => error("upload data without a submission"),
             ApiRequest::JobShow { id } => match daemon.store.job(&id) {
-                Ok(job) => ApiResponse::Job(Box::new(job)),
+                Ok(mut job) => {
+                    job.queue = daemon.admission.describe(&job.id);
+                    ApiResponse::Job(Box::new(job))
+                }
                 Err(e) => error(e),
             },
             ApiRequest::JobList => match daemon.store.jobs(JOB_LIST_LIMIT) {
-                Ok(jobs) => ApiResponse::Jobs(jobs),
+                Ok(mut jobs) => {
+                    for job in &mut jobs {
+                        job.queue = daemon.admission.describe(&job.id);
+                    }
+                    ApiResponse::Jobs(jobs)
+                }
                 Err(e) => error(e),
             },
             ApiRequest::SandboxList => match daemon.store.sandboxes() {
