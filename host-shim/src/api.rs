@@ -61,6 +61,8 @@ pub enum ApiRequest {
     },
     /// Destroy every sandbox kept after its job.
     SandboxPrune,
+    /// agentlabd's own checks of its prerequisites.
+    Doctor,
     /// Add or replace one secret of a bundle (creating the bundle).
     SecretSet {
         bundle: String,
@@ -136,6 +138,7 @@ pub enum ApiResponse {
         text: String,
     },
     Sandbox(Box<SandboxView>),
+    Checks(Vec<crate::doctor::Check>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -13,6 +13,7 @@ use crate::config::{DEFAULT_PROFILE, DaemonConfig};
 use crate::ids::new_id;
 use crate::joblog::JobLog;
 use crate::leases::Kept;
+use crate::metrics::Metrics;
 use crate::profile::{Profile, ProfileError, ProfileSet};
 use crate::runner::{self, QueuedJob};
 use crate::secrets::SecretStore;
@@ -46,6 +47,7 @@ pub struct Daemon {
     /// Sandboxes kept after their job.
     pub kept: Kept,
     pub admission: Arc<Admission>,
+    pub metrics: Metrics,
 }
 
 /// A job that has not finished: its log, and the switch that cancels it (with why).
@@ -88,6 +90,7 @@ impl Daemon {
             live: Mutex::new(HashMap::new()),
             kept: Kept::default(),
             admission,
+            metrics: Metrics::default(),
         });
         daemon.settle_unfinished()?;
         Ok(daemon)

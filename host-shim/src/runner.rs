@@ -143,9 +143,14 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         };
         daemon.backend.provision(&req).await
     };
+    let provisioning = std::time::Instant::now();
     let mut vm = match provisioned.await {
-        Ok(vm) => vm,
+        Ok(vm) => {
+            daemon.metrics.provisioned(provisioning.elapsed());
+            vm
+        }
         Err(e) => {
+            daemon.metrics.backend_error("provision");
             let msg = format!("provisioning sandbox {sb} failed: {e}");
             record(SandboxState::Failed, Some(&msg));
             record(SandboxState::Destroyed, None);
@@ -176,6 +181,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     match vm.destroy().await {
         Ok(()) => record(SandboxState::Destroyed, None),
         Err(e) => {
+            daemon.metrics.backend_error("destroy");
             let msg = format!("tearing sandbox {sb} down failed: {e}");
             tracing::error!("{msg}");
             let _ = store.record_event(Some(&job.job_id), Some(sb), "sandbox.destroy_failed", &msg);
@@ -278,7 +284,9 @@ async fn boot_and_run(
         }
     };
     set_sandbox(store, sb, SandboxState::Booting, None);
+    let booting = std::time::Instant::now();
     if let Err(e) = vm.boot().await {
+        daemon.metrics.backend_error("boot");
         return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
 
@@ -291,16 +299,21 @@ async fn boot_and_run(
             return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason} while it booted"));
         }
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => stream,
+            Ok(Ok((stream, _))) => {
+                daemon.metrics.booted(booting.elapsed());
+                stream
+            }
             Ok(Err(e)) => return Finish::failed(SandboxState::Failed, format!("accepting sandbox {sb}'s agent: {e}")),
-            Err(_) => return Finish::failed(
+            Err(_) => {
+                daemon.metrics.backend_error("boot-timeout");
+                return Finish::failed(
                 SandboxState::Timeout,
                 format!(
                     "sandbox {sb}: the guest agent did not dial in within {} s; the guest kernel or agent did not come up (see the console below; rebuild the image with `make image` if the agent is missing)\n{}",
                     boot_timeout.as_secs(),
                     vm.diagnostics()
                 ),
-            ),
+            )},
         },
         exit = vm.exited() => return Finish::failed(
             SandboxState::Failed,
@@ -361,6 +374,7 @@ async fn boot_and_run(
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &listener };
             collecting.artifacts(&redactor, vm).await;
+            daemon.metrics.job_ran(Duration::from_millis(result.duration_ms));
             let cancel_reason = job.cancelled.borrow().clone();
             *held = Some(Held { session, listener });
             return finish_from_result(&result, output_bytes, cancel_reason.as_deref());
@@ -368,6 +382,7 @@ async fn boot_and_run(
         Ended::Broken(reason) => (reason, false),
         Ended::Silent(reason) => (reason, true),
     };
+    daemon.metrics.backend_error("session");
     let _ = store.record_event(Some(&job.job_id), Some(sb), "sandbox.diagnostics", &vm.diagnostics());
     let mut finish = Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason}"));
     finish.end.output_bytes = output_bytes;
@@ -505,6 +520,7 @@ impl Collecting<'_, '_> {
         if unpacked.rejected.len() > MAX_ARTIFACT_EVENTS {
             self.event("artifacts.rejected", &format!("… and {} more", unpacked.rejected.len() - MAX_ARTIFACT_EVENTS));
         }
+        self.daemon.metrics.artifacts_stored(unpacked.stored.iter().map(|a| a.bytes).sum());
         if let Err(e) = self.daemon.store.add_artifacts(&self.job.job_id, &self.job.sandbox_id, &unpacked.stored) {
             self.event("artifacts.failed", &format!("recording the artifacts: {e}"));
         }
@@ -569,6 +585,7 @@ impl Observer<'_> {
             return Ok(());
         }
         self.output_bytes += data.len() as u64;
+        self.daemon.metrics.log_stored(data.len());
         if !self.job.log.append(stream, data)? && !self.truncated {
             self.truncated = true;
             let msg = format!(

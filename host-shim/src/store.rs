@@ -102,6 +102,12 @@ pub struct NewJob<'a> {
     pub lease_expires_at_ms: Option<i64>,
 }
 
+/// Rows per state, for metrics.
+pub struct StateCounts {
+    pub sandboxes: Vec<(String, i64)>,
+    pub jobs: Vec<(String, i64)>,
+}
+
 /// Result fields written together with a job's final transition.
 #[derive(Default)]
 pub struct JobEnd {
@@ -441,6 +447,17 @@ impl Store {
                 Ok(ArtifactView { path: r.get(0)?, bytes: u64::try_from(bytes).unwrap_or(0), sha256: r.get(2)? })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// How many sandboxes and jobs are in each state.
+    pub fn count_by_state(&self) -> Result<StateCounts, StoreError> {
+        self.with(|c| {
+            let count = |table: &str| -> Result<Vec<(String, i64)>, StoreError> {
+                let mut stmt = c.prepare(&format!("SELECT state, COUNT(*) FROM {table} GROUP BY state"))?;
+                Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
+            };
+            Ok(StateCounts { sandboxes: count("sandboxes")?, jobs: count("jobs")? })
         })
     }
 

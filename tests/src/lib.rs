@@ -90,7 +90,7 @@ pub struct Daemon {
 }
 
 /// Starts agentlabd on `state` and waits until it serves its socket.
-fn spawn_daemon(state: &Path, extra: &[&str]) -> Child {
+fn spawn_daemon(state: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Child {
     let socket = state.join("agentlabd.sock");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("agentlabd.log")).unwrap();
     let mut child = Command::new(bin("agentlabd"))
@@ -100,6 +100,7 @@ fn spawn_daemon(state: &Path, extra: &[&str]) -> Child {
         .env("AGENTLAB_IMAGE_DIR", image_dir_or_missing())
         .env("AGENTLAB_PROFILES_DIR", workspace_root().join("profiles"))
         .env("AGENTLAB_LOG", "info,agentlab_host=debug")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -124,9 +125,14 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// A daemon with extra arguments and environment variables.
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let state = tempfile::Builder::new().prefix("agentlab-test-").tempdir().unwrap();
         let socket = state.path().join("agentlabd.sock");
-        let child = spawn_daemon(state.path(), extra);
+        let child = spawn_daemon(state.path(), extra, envs);
         Daemon { state, socket, child }
     }
 
@@ -134,7 +140,7 @@ impl Daemon {
     pub fn kill_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = spawn_daemon(self.state.path(), &[]);
+        self.child = spawn_daemon(self.state.path(), &[], &[]);
     }
 
     /// Processes other than agentlabd whose command line names this daemon's state

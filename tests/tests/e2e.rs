@@ -110,8 +110,8 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
 }
 
 #[test]
-fn a_job_that_exits_3_makes_agentlab_exit_3() {
-    let d = Daemon::start();
+fn a_job_that_exits_3_makes_agentlab_exit_3_and_the_metrics_count_it() {
+    let d = Daemon::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "uname -r; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
@@ -120,6 +120,32 @@ fn a_job_that_exits_3_makes_agentlab_exit_3() {
     assert_eq!(job["exit_code"], 3);
     assert_eq!(job["error"], "exited with code 3");
     assert_cleaned_up(&d, &job);
+
+    let log = d.log();
+    let addr =
+        log.split("metrics on http://").nth(1).and_then(|rest| rest.split("/metrics").next()).unwrap().to_owned();
+    let get = |path: &str| {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let metrics = get("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
+    for line in [
+        "agentlab_jobs{state=\"FAILED\"} 1",
+        "agentlab_jobs{state=\"COMPLETED\"} 0",
+        "agentlab_sandboxes{state=\"DESTROYED\"} 1",
+        "agentlab_provision_seconds_count 1",
+        "agentlab_boot_seconds_count 1",
+        "agentlab_job_seconds_count 1",
+        &format!("agentlab_log_bytes_total {}", guest_kernel().len() + 1),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+    }
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    assert!(get("/other").starts_with("HTTP/1.1 404 Not Found\r\n"));
 }
 
 #[test]

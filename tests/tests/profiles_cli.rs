@@ -110,3 +110,63 @@ fn the_daemon_refuses_to_start_with_an_invalid_profile_and_says_which() {
     );
     assert!(!state.path().join("agentlabd.sock").exists(), "nothing is served from a half-loaded configuration");
 }
+
+/// `agentlab doctor` checks each prerequisite and names the fix for each failure.
+#[test]
+fn doctor_names_each_missing_prerequisite_and_its_fix() {
+    let empty = tempfile::tempdir().unwrap();
+    let d = agentlab_tests::Daemon::start_with(&[
+        "--image-dir",
+        empty.path().to_str().unwrap(),
+        "--qemu",
+        "/nonexistent/qemu-system-x86_64",
+    ]);
+    let out = d.cli(&["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", agentlab_tests::describe(&out));
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |name: &str| checks.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    assert_eq!(by_name("socket")["status"], "ok");
+    let qemu = by_name("qemu");
+    assert_eq!(qemu["status"], "fail");
+    assert_eq!(qemu["fix"], "install it (apt-get install qemu-system-x86) or pass agentlabd --qemu PATH");
+    let image = by_name("image");
+    assert_eq!(image["status"], "fail");
+    assert_eq!(
+        image["detail"],
+        format!(
+            "the guest image is not built: {}/vmlinux does not exist; build it with `make image` (image/build.sh), or point agentlabd --image-dir at a built image",
+            empty.path().display()
+        )
+    );
+    assert_eq!(by_name("vhost-device-vsock")["status"], "ok");
+    assert_eq!(by_name("disk space")["status"], "ok");
+    assert_eq!(by_name("vsock module")["status"], "ok");
+
+    let text = d.cli(&["doctor"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("FAIL  qemu                 /nonexistent/qemu-system-x86_64 not found"), "{text}");
+    assert!(text.contains("fix: install it (apt-get install qemu-system-x86)"), "{text}");
+
+    let missing = std::process::Command::new(agentlab_tests::bin("agentlab"))
+        .args(["--socket", "/nonexistent/agentlabd.sock", "doctor"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stdout)
+            .starts_with("FAIL  socket               /nonexistent/agentlabd.sock: No such file or directory")
+    );
+}
+
+/// Under systemd (`Type=notify`) agentlabd says it is ready once its socket serves.
+#[test]
+fn agentlabd_notifies_systemd_when_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let d = agentlab_tests::Daemon::start_with_env(&[], &[("NOTIFY_SOCKET", notify.to_str().unwrap())]);
+    let mut buf = [0u8; 1024];
+    let n = listener.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("READY=1\nSTATUS=serving on {}\n", d.socket.display()));
+}

@@ -64,6 +64,14 @@ pub trait Backend: Send + Sync {
     /// Checks everything a sandbox needs, so a job fails before any VM exists.
     async fn preflight(&self) -> Result<(), BackendError>;
 
+    /// The backend's prerequisites one by one, for `agentlab doctor`.
+    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+        vec![match self.preflight().await {
+            Ok(()) => crate::doctor::Check::ok("backend", format!("{} is ready", self.name())),
+            Err(e) => crate::doctor::Check::fail("backend", e.to_string(), "see the message"),
+        }]
+    }
+
     /// Creates the sandbox's VM and devices, not yet running.
     async fn provision(&self, req: &ProvisionRequest) -> Result<Box<dyn Sandbox>, BackendError>;
 }

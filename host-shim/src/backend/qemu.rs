@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::process::{find_program, tail};
 use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
+use crate::doctor::Check;
 
 /// Kernel command line of the micro image: quiet, no crypto self-tests (the slowest
 /// step under TCG, ~0.3 s) and no legacy probes. CPU mitigations stay on: the job is
@@ -205,6 +206,62 @@ impl Backend for QemuBackend {
     async fn preflight(&self) -> Result<(), BackendError> {
         self.binaries()?;
         self.check_image()
+    }
+
+    async fn doctor(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        for (name, program, fix) in
+            [("qemu", &self.config.qemu, QEMU_FIX), ("vhost-device-vsock", &self.config.vhost_device_vsock, VHOST_FIX)]
+        {
+            checks.push(match find_program(program) {
+                Ok(path) => Check::ok(name, path.display().to_string()),
+                Err(searched) => {
+                    Check::fail(name, format!("{} not found (searched {searched})", program.display()), fix)
+                }
+            });
+        }
+        checks.push(match self.check_image() {
+            Ok(()) => Check::ok("image", self.config.image_dir.display().to_string()),
+            Err(e) => Check::fail("image", e.to_string(), "make image (image/build.sh), or agentlabd --image-dir DIR"),
+        });
+        match std::fs::read_to_string(self.config.image_dir.join("kernel-release")) {
+            Ok(release) => {
+                let release = release.trim();
+                let abi = crate::doctor::landlock_abi_of_kernel(release);
+                let detail = format!(
+                    "the image's kernel {release} has Landlock ABI {abi}: file rules{}{}",
+                    if abi >= 4 { ", TCP rules" } else { "; TCP is blocked by seccomp instead (ABI < 4)" },
+                    if abi >= 6 { ", signal and socket scoping" } else { "; no signal scoping (ABI < 6)" }
+                );
+                checks.push(if abi == 0 {
+                    Check::warn(
+                        "image landlock",
+                        detail,
+                        "profiles with `landlock: required` fail on it: use a kernel ≥ 5.13",
+                    )
+                } else {
+                    Check::ok("image landlock", detail)
+                });
+            }
+            Err(e) => checks.push(Check::warn(
+                "image landlock",
+                format!("cannot read the image's kernel-release: {e}"),
+                "rebuild the image with make image",
+            )),
+        }
+        if let Ok(bins) = self.binaries() {
+            let accel = self.accel(&bins.qemu).await;
+            checks.push(match (self.config.accel, accel) {
+                (_, "kvm") => Check::ok("accelerator", "KVM"),
+                (Accel::Tcg, _) => Check::ok("accelerator", "TCG (agentlabd --accel tcg)"),
+                _ => Check::warn(
+                    "accelerator",
+                    "TCG: KVM is missing or the probe boot under it failed (agentlabd's log says why); guests boot several times slower",
+                    "give agentlabd access to /dev/kvm (group kvm) on a host with virtualisation enabled",
+                ),
+            });
+        }
+        checks
     }
 
     async fn provision(&self, req: &ProvisionRequest) -> Result<Box<dyn Sandbox>, BackendError> {

@@ -54,6 +54,9 @@ struct Args {
     /// Memory all sandboxes together may have, MiB [default: 90% of the host's].
     #[arg(long)]
     budget_memory_mb: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given), e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// How often expired sandbox leases are looked for.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     lease_check_interval: Duration,
@@ -64,10 +67,18 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
+    // Under systemd, stderr goes to the journal, which stamps each line itself and
+    // shows escape codes raw: plain lines without timestamps then.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -118,8 +129,17 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::warn!("the qemu backend is not ready, jobs will fail until this is fixed: {e}");
     }
     tokio::spawn(agentlab_host::leases::reaper(daemon.clone(), args.lease_check_interval));
+    if let Some(addr) = args.metrics_listen {
+        let metrics = agentlab_host::metrics::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        tokio::spawn(agentlab_host::metrics::serve(daemon.clone(), metrics));
+    }
     let listener = agentlab_host::server::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
     tracing::info!("agentlabd serving on {} (state in {})", socket.display(), state_dir.display());
+    // systemd Type=notify: ready once the socket takes connections (no-op without NOTIFY_SOCKET).
+    let status = format!("serving on {}", socket.display());
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
+        tracing::warn!("telling systemd we are ready: {e}");
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
@@ -128,6 +148,7 @@ async fn run(args: Args) -> Result<(), String> {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM; stopping"),
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

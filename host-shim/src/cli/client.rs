@@ -58,6 +58,7 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Event(_) => "Event",
         ApiResponse::Message { .. } => "Message",
         ApiResponse::Sandbox(_) => "Sandbox",
+        ApiResponse::Checks(_) => "Checks",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

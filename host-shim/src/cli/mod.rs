@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod client;
+mod doctor;
 mod logs;
 mod render;
 mod secrets;
@@ -48,6 +49,8 @@ enum Command {
     Logs(logs::LogsArgs),
     /// State changes and other events, of one job or all.
     Events(logs::EventsArgs),
+    /// Check every prerequisite and say how to fix what is missing.
+    Doctor,
     /// Secrets bundles: stored encrypted by agentlabd, delivered once to each sandbox.
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
@@ -151,6 +154,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     if let Command::Profile(ProfileCommand::Validate { file }) = &cli.command {
         return validate_profile_file(file, cli.json);
     }
+    if let Command::Doctor = &cli.command {
+        return doctor::run(&cli.socket, cli.json).await;
+    }
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
@@ -203,7 +209,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             other => Err(client::unexpected(other)),
         },
-        Command::Profile(ProfileCommand::Validate { .. }) => Err("unreachable: validated above".into()),
+        Command::Profile(ProfileCommand::Validate { .. }) | Command::Doctor => Err("unreachable: handled above".into()),
         Command::Profile(command) => match client.call(ApiRequest::ProfileList).await? {
             ApiResponse::Profiles(profiles) => match command {
                 ProfileCommand::Show { name } => {

@@ -104,6 +104,7 @@ async fn handle(daemon: Arc<Daemon>, stream: UnixStream) -> Result<(), agentlab_
                 Ok(text) => ApiResponse::Message { text },
                 Err(e) => error(e),
             },
+            ApiRequest::Doctor => ApiResponse::Checks(crate::doctor::run(&daemon).await),
             ApiRequest::SandboxPrune => {
                 let done = leases::prune(&daemon).await;
                 let text =
