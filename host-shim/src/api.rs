@@ -121,6 +121,10 @@ pub enum ApiResponse {
         offset: u64,
     },
     Event(EventView),
+    /// What a followed job is doing now: queued, provisioning, booting, running…
+    Phase {
+        name: String,
+    },
     Error {
         message: String,
     },

@@ -54,6 +54,7 @@ pub struct Daemon {
 struct LiveJob {
     log: Arc<JobLog>,
     cancel: watch::Sender<Option<String>>,
+    phase: watch::Receiver<&'static str>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -177,10 +178,11 @@ impl Daemon {
             lease_expires_at_ms,
         })?;
         let (cancel, cancelled) = watch::channel(None);
+        let (phase, phase_rx) = watch::channel("queued");
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(job_id.clone(), LiveJob { log: log.clone(), cancel });
+            .insert(job_id.clone(), LiveJob { log: log.clone(), cancel, phase: phase_rx });
         let job = QueuedJob {
             job_id: job_id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -191,6 +193,7 @@ impl Daemon {
             profile,
             cancelled,
             keepalive,
+            phase,
         };
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))
@@ -231,6 +234,11 @@ impl Daemon {
                 self.config.kill_grace.as_secs()
             ),
         })
+    }
+
+    /// What a live job is doing now, changing as it goes.
+    pub fn phase(&self, job_id: &str) -> Option<watch::Receiver<&'static str>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).get(job_id).map(|live| live.phase.clone())
     }
 
     /// Whether the job has not finished yet.

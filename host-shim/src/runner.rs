@@ -56,6 +56,8 @@ pub struct QueuedJob {
     pub cancelled: watch::Receiver<Option<String>>,
     /// Keep the sandbox after the job, until its lease ends.
     pub keepalive: bool,
+    /// What the job is doing now, for followers' progress display.
+    pub phase: watch::Sender<&'static str>,
 }
 
 /// A sandbox whose job reported: its agent's session is still open.
@@ -123,6 +125,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         }
     };
     record(SandboxState::Provisioning, None);
+    job.phase.send_replace("provisioning");
     let secrets = match load_secrets(daemon, job).await {
         Ok(secrets) => secrets,
         Err(msg) => {
@@ -169,6 +172,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
 
     let mut held = None;
     let finish = boot_and_run(daemon, job, vm.as_mut(), secrets, &mut held).await;
+    job.phase.send_replace("tearing down");
     record(finish.sandbox, Some(&finish.message));
     if let Some(held) = held {
         if job.keepalive && job.cancelled.borrow().is_none() {
@@ -284,6 +288,7 @@ async fn boot_and_run(
         }
     };
     set_sandbox(store, sb, SandboxState::Booting, None);
+    job.phase.send_replace("booting");
     let booting = std::time::Instant::now();
     if let Err(e) = vm.boot().await {
         daemon.metrics.backend_error("boot");
@@ -373,6 +378,7 @@ async fn boot_and_run(
         Ended::Reported(result) => {
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &listener };
+            job.phase.send_replace("collecting artifacts");
             collecting.artifacts(&redactor, vm).await;
             daemon.metrics.job_ran(Duration::from_millis(result.duration_ms));
             let cancel_reason = job.cancelled.borrow().clone();
@@ -647,6 +653,7 @@ impl SessionObserver for Observer<'_> {
     }
 
     fn job_started(&mut self, pid: u32) {
+        self.job.phase.send_replace("running");
         let store = &self.daemon.store;
         let msg = format!("guest pid {pid}");
         set_sandbox(store, &self.job.sandbox_id, SandboxState::Running, None);

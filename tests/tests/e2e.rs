@@ -67,7 +67,13 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     let text = stdout(&out);
     let kernel = guest_kernel();
     assert_eq!(text, format!("hello-from-agentlab\n{kernel}\n"));
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+    // stderr holds the job's stderr and, not being a terminal, one line per phase.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (progress, job_stderr): (Vec<&str>, Vec<&str>) = stderr.lines().partition(|l| l.starts_with("agentlab: "));
+    assert_eq!(job_stderr, ["to-stderr"]);
+    let phases = ["queued", "provisioning", "booting", "running", "collecting artifacts", "tearing down"];
+    let mut expected = phases.iter().map(|p| format!("agentlab: {p}"));
+    assert!(!progress.is_empty() && progress.iter().all(|line| expected.any(|p| p == *line)), "{progress:?}");
 
     let job = d.job_json(&only_job_id(&d));
     assert_eq!(job["state"], "COMPLETED");
@@ -569,6 +575,25 @@ fn follow_can_be_interrupted_and_resumed_without_losing_or_repeating_a_line() {
     // Following a finished job's events ends by itself.
     let followed = d.cli(&["events", "--job", &id, "--follow"]);
     assert_eq!(stdout_of(&followed).lines().count(), kinds.len());
+}
+
+/// On a terminal the phases show as a spinner, cleared before the job's output.
+#[test]
+fn progress_is_a_spinner_on_a_terminal() {
+    let d = Daemon::start();
+    // script(1) gives the CLI a pseudo-terminal.
+    let cli = format!(
+        "{} --socket {} job submit --follow --cmd 'sleep 1; echo done-x'",
+        agentlab_tests::bin("agentlab").display(),
+        d.socket.display()
+    );
+    let out = std::process::Command::new("script").args(["-qfec", &cli, "/dev/null"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains(" booting (") && screen.contains(" running ("), "{screen:?}");
+    // The spinner's line is erased before the output is written.
+    assert!(screen.contains("\u{1b}[2Kdone-x"), "{screen:?}");
+    assert!(!screen.contains("agentlab: booting"), "plain phase lines are for non-terminals: {screen:?}");
 }
 
 /// `agentlab job cancel` stops a running job in the guest (SIGTERM) and the sandbox goes.

@@ -59,6 +59,7 @@ pub fn unexpected(response: ApiResponse) -> String {
         ApiResponse::Message { .. } => "Message",
         ApiResponse::Sandbox(_) => "Sandbox",
         ApiResponse::Checks(_) => "Checks",
+        ApiResponse::Phase { .. } => "Phase",
     };
     format!("agentlabd sent an unexpected {name} response; are agentlab and agentlabd the same version?")
 }

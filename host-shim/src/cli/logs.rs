@@ -27,6 +27,9 @@ pub struct LogsArgs {
     /// With --follow: start from the beginning, not where the last follow stopped.
     #[arg(long)]
     from_start: bool,
+    /// No progress (spinner or phase lines) on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -66,7 +69,67 @@ pub async fn logs(client: &mut Client, args: LogsArgs, json: bool) -> Result<Exi
         tail_lines: args.tail,
         follow: args.follow,
     };
-    follow_output(client, &args.id, request, json).await
+    follow_output(client, &args.id, request, json, Progress::choose(args.quiet, json)).await
+}
+
+/// How a followed job's phases (booting, running…) are shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A spinner on stderr, until the job's output starts (stderr is a terminal).
+    Spinner,
+    /// One `agentlab: PHASE` line on stderr per phase (stderr is not a terminal).
+    Lines,
+    Off,
+}
+
+impl Progress {
+    pub fn choose(quiet: bool, json: bool) -> Progress {
+        use std::io::IsTerminal;
+        match (quiet || json, std::io::stderr().is_terminal()) {
+            (true, _) => Progress::Off,
+            (false, true) => Progress::Spinner,
+            (false, false) => Progress::Lines,
+        }
+    }
+}
+
+/// The spinner (or lines) naming what the job is doing.
+struct PhaseDisplay {
+    mode: Progress,
+    spinner: Option<indicatif::ProgressBar>,
+    output_started: bool,
+}
+
+impl PhaseDisplay {
+    fn phase(&mut self, name: &str) {
+        match self.mode {
+            Progress::Spinner if !self.output_started => {
+                let spinner = self.spinner.get_or_insert_with(|| {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+                        bar.set_style(style);
+                    }
+                    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+                    bar
+                });
+                spinner.set_message(name.to_owned());
+            }
+            Progress::Lines => eprintln!("agentlab: {name}"),
+            _ => {}
+        }
+    }
+
+    /// The job's output goes on the terminal from here: the spinner goes.
+    fn output(&mut self) {
+        self.output_started = true;
+        self.clear();
+    }
+
+    fn clear(&mut self) {
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish_and_clear();
+        }
+    }
 }
 
 /// Streams a job's output to stdout/stderr until the job's view arrives; exits with
@@ -76,7 +139,9 @@ pub async fn follow_output(
     job_id: &str,
     request: ApiRequest,
     json: bool,
+    progress: Progress,
 ) -> Result<ExitCode, String> {
+    let mut display = PhaseDisplay { mode: progress, spinner: None, output_started: false };
     let following = matches!(request, ApiRequest::Logs { follow: true, .. });
     client.send(request).await?;
     let mut stdout = std::io::stdout();
@@ -86,6 +151,7 @@ pub async fn follow_output(
         let response = tokio::select! {
             response = client.recv() => response?,
             _ = tokio::signal::ctrl_c(), if following => {
+                display.clear();
                 if let (Some(offset), Some(path)) = (position, saved_position(job_id)) {
                     let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
                     let _ = std::fs::write(&path, format!("{offset}\n"));
@@ -95,7 +161,9 @@ pub async fn follow_output(
             }
         };
         match response {
+            ApiResponse::Phase { name } => display.phase(&name),
             ApiResponse::Output { stream, data, offset } => {
+                display.output();
                 let written = if json {
                     let line = serde_json::json!({
                         "type": "output",
@@ -113,6 +181,7 @@ pub async fn follow_output(
                 position = Some(offset);
             }
             ApiResponse::Job(job) => {
+                display.clear();
                 if following && let Some(path) = saved_position(job_id) {
                     let _ = std::fs::remove_file(path);
                 }

@@ -133,6 +133,9 @@ pub struct SubmitArgs {
     /// Keep the sandbox after the job, until its lease ends or `agentlab sandbox destroy`.
     #[arg(long)]
     keepalive: bool,
+    /// With --follow: no progress (spinner or phase lines) on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// A time as the CLI shows it (RFC 3339, milliseconds).

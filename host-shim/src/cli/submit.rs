@@ -52,7 +52,8 @@ pub async fn submit(client: &mut Client, args: SubmitArgs, json: bool) -> Result
         return Ok(ExitCode::SUCCESS);
     }
     let request = ApiRequest::Logs { id: job_id.clone(), offset: 0, tail_lines: None, follow: true };
-    super::logs::follow_output(client, &job_id, request, json).await
+    let progress = super::logs::Progress::choose(args.quiet, json);
+    super::logs::follow_output(client, &job_id, request, json, progress).await
 }
 
 /// Packs a directory into a temporary tar file; returns it rewound, with its size.

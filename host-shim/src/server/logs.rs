@@ -32,6 +32,11 @@ pub(super) async fn logs(
     }
     let path = daemon.config.job_dir(id).join("output.log");
     let mut progress = if follow { daemon.live_log(id).map(|log| log.subscribe()) } else { None };
+    let mut phase = if follow { daemon.phase(id) } else { None };
+    if let Some(rx) = phase.as_mut() {
+        let name = (*rx.borrow_and_update()).to_owned();
+        conn.send(ApiResponse::Phase { name }).await?;
+    }
     let stored_len = || std::fs::metadata(&path).map_or(0, |m| m.len());
     let (start, mut skip) = match tail_lines {
         Some(lines) => {
@@ -72,11 +77,21 @@ pub(super) async fn logs(
         if now.closed {
             break;
         }
-        if let Some(rx) = progress.as_mut()
-            && rx.changed().await.is_err()
-        {
-            // The runner dropped the log: everything is on disk now.
-            progress = None;
+        let Some(rx) = progress.as_mut() else {
+            continue;
+        };
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() {
+                // The runner dropped the log: everything is on disk now.
+                progress = None;
+            },
+            changed = async { phase.as_mut()?.changed().await.ok() }, if phase.is_some() => match changed {
+                Some(()) => {
+                    let name = phase.as_mut().map(|p| (*p.borrow_and_update()).to_owned()).unwrap_or_default();
+                    conn.send(ApiResponse::Phase { name }).await?;
+                }
+                None => phase = None,
+            },
         }
     }
     Ok(match daemon.store.job(id) {
