@@ -10,7 +10,7 @@ use agentlab_protocol::{
     ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN,
     MessageKind, ProtocolError,
 };
-use agentlab_redact::Redactor;
+use agentlab_redact::{RedactReader, Redactor};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -20,8 +20,6 @@ use crate::session::Stream;
 
 /// Where the agent's own files go in the stream.
 pub const AGENT_DIR: &str = ".agentlab";
-/// With secrets set, a file is redacted in memory: larger ones are left out.
-const MAX_REDACTED_FILE: u64 = 64 * 1024 * 1024;
 /// Deepest directory walked.
 const MAX_DEPTH: usize = 64;
 /// Bytes buffered between the tar builder and the channel.
@@ -198,14 +196,21 @@ fn append_file<W: std::io::Write>(
         tar.append_data(&mut header, relative, file.take(meta.len())).map_err(|e| e.to_string())?;
         return Ok(meta.len());
     }
-    if meta.len() > MAX_REDACTED_FILE {
-        return Err(format!("over {MAX_REDACTED_FILE} bytes, too large to redact the job's secrets from"));
-    }
-    let mut content = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(MAX_REDACTED_FILE).read_to_end(&mut content).map_err(|e| e.to_string())?;
-    let clean = redactor.redact_all(&content);
-    append_bytes(tar, relative, &clean, mode).map_err(|e| e.to_string())?;
-    Ok(clean.len() as u64)
+    // Redaction changes the length, which the tar header needs first: one pass to
+    // measure, one to send. The job is over, so the file holds still in between.
+    let length = redactor.redacted_len(&file).map_err(|e| e.to_string())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(workdir.join(relative))
+        .map_err(|e| e.to_string())?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(length);
+    header.set_mode(mode);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, relative, RedactReader::new(file, redactor).take(length))
+        .map_err(|e| e.to_string())?;
+    Ok(length)
 }
 
 fn append_bytes<W: std::io::Write>(

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use agentlab_redact::Redactor;
+use agentlab_redact::{RedactReader, Redactor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -18,8 +18,6 @@ const MAX_PATH_BYTES: usize = 1024;
 const MAX_DEPTH: usize = 32;
 /// Most entries read from one stream.
 const MAX_ENTRIES: usize = 100_000;
-/// With secrets set, a file is redacted in memory: larger ones are rejected.
-const MAX_REDACTED_FILE: u64 = 64 * 1024 * 1024;
 
 /// One stored artifact.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,32 +162,18 @@ fn store_file(
             }
         })?;
     let mut hasher = Sha256::new();
-    let written = if redactor.is_empty() {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut limited = entry.take(size);
-        let mut written = 0u64;
-        loop {
-            let n = limited.read(&mut buf).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-            written += n as u64;
+    let mut content = RedactReader::new(entry.take(size), redactor);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        let n = content.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
         }
-        written
-    } else {
-        if size > MAX_REDACTED_FILE {
-            let _ = std::fs::remove_file(&target);
-            return Err(format!("over {MAX_REDACTED_FILE} bytes, too large to redact the job's secrets from"));
-        }
-        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        entry.take(size).read_to_end(&mut content).map_err(|e| e.to_string())?;
-        let clean = redactor.redact_all(&content);
-        hasher.update(&clean);
-        file.write_all(&clean).map_err(|e| e.to_string())?;
-        clean.len() as u64
-    };
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        written += n as u64;
+    }
     file.sync_all().map_err(|e| e.to_string())?;
     Ok((written, hex::encode(hasher.finalize())))
 }

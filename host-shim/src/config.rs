@@ -66,6 +66,7 @@ impl DaemonConfig {
                 accel: Accel::Auto,
                 max_cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
                 max_memory_mb: 8192,
+                extra_cmdline: String::new(),
             },
             boot_timeout: Duration::from_secs(90),
             default_job_timeout: Duration::from_secs(3600),

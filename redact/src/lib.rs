@@ -13,6 +13,7 @@
 
 mod engine;
 mod patterns;
+mod read;
 mod stream;
 
 pub mod bench;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use zeroize::Zeroize;
 
 pub use patterns::{MIN_SECRET_LEN, variants};
+pub use read::RedactReader;
 pub use stream::RedactStream;
 
 use engine::Engine;

@@ -52,6 +52,9 @@ pub struct QemuConfig {
     /// vCPUs than the host has, nor more memory than the operator allows.
     pub max_cpus: u32,
     pub max_memory_mb: u32,
+    /// Appended to the guest kernel's command line (benchmarks pass parameters to a
+    /// test init this way); empty in production.
+    pub extra_cmdline: String,
 }
 
 impl QemuConfig {
@@ -396,7 +399,8 @@ impl QemuSandbox {
             "-device".into(),
             "vhost-user-vsock-pci,chardev=vsock0".into(),
         ];
-        args.extend(common_args(&self.config, &self.console_log, KERNEL_CMDLINE));
+        let cmdline = format!("{KERNEL_CMDLINE} {}", self.config.extra_cmdline);
+        args.extend(common_args(&self.config, &self.console_log, cmdline.trim_end()));
         args
     }
 }

@@ -4,6 +4,10 @@
 //! kernel modules needed for virtio-vsock, connects to the host, says `HELLO\n`,
 //! waits for the host to close the connection and powers the machine off.
 //! Nothing is mounted and no process is spawned.
+//!
+//! With `agentlab_raw_bytes=N` on the kernel command line (the kernel hands such
+//! parameters to init as environment variables) it also writes N zero bytes after the
+//! greeting: the raw-throughput baseline for the channel benchmarks.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -44,6 +48,15 @@ fn run() -> io::Result<()> {
     load_modules()?;
     let mut stream = connect_host()?;
     stream.write_all(b"HELLO\n")?;
+    if let Some(total) = std::env::var("agentlab_raw_bytes").ok().and_then(|v| v.parse::<u64>().ok()) {
+        let block = [0u8; 64 * 1024];
+        let mut left = total;
+        while left > 0 {
+            let n = usize::try_from(left.min(block.len() as u64)).unwrap_or(block.len());
+            stream.write_all(&block[..n]).map_err(|err| with_context(err, "writing the raw stream"))?;
+            left -= n as u64;
+        }
+    }
     let mut buf = [0u8; 512];
     loop {
         match stream.read(&mut buf) {

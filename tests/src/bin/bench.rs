@@ -5,6 +5,8 @@
 //! 2. Submit → first output byte at the CLI, minus the boot time.
 //! 3. The agent's static binary size and idle RSS.
 //! 4. The secret redactor's throughput, against sed doing the same replacements.
+//! 5. Job output and artifact push throughput through the whole path, against a raw
+//!    copy of the same number of bytes through the same hybrid-vsock socket pair.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark aborts on any surprise.
 
 use std::path::{Path, PathBuf};
@@ -120,6 +122,7 @@ async fn main() {
         baseline_size / 1024
     );
     redaction_figures();
+    throughput_figures(&args.image_dir, &baseline_dir, &shape, scratch.path()).await;
     let agent_rss = idle_agent_rss_kib(&args.agent, scratch.path()).await;
     let busybox_rss = idle_rss_kib(Command::new("/bin/busybox").args(["sleep", "30"]));
     println!(
@@ -133,6 +136,10 @@ fn fmt_runs(v: &[f64]) -> String {
 }
 
 fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
+    backend_with_cmdline(image_dir, scratch, "")
+}
+
+fn backend_with_cmdline(image_dir: &Path, scratch: &Path, extra_cmdline: &str) -> QemuBackend {
     QemuBackend::new(QemuConfig {
         qemu: PathBuf::from("qemu-system-x86_64"),
         vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
@@ -141,6 +148,7 @@ fn backend(image_dir: &Path, scratch: &Path) -> QemuBackend {
         accel: Accel::Auto,
         max_cpus: 64,
         max_memory_mb: 262_144,
+        extra_cmdline: extra_cmdline.to_owned(),
     })
 }
 
@@ -305,4 +313,170 @@ fn redaction_figures() {
         ),
         None => println!("redact: sed could not be run for the baseline"),
     }
+}
+
+/// Bytes streamed by each throughput figure.
+const STREAM_BYTES: u64 = 128 * 1024 * 1024;
+const THROUGHPUT_RUNS: usize = 3;
+
+/// Figure 5: a job's output (guest redaction, acknowledged chunks over hybrid vsock,
+/// host redaction, the job's log file) and an artifact push (tar, SHA-256, chunks,
+/// acknowledgements, a file) against the baseline init writing the same bytes raw
+/// through the same kind of socket pair, in MB/s.
+async fn throughput_figures(image_dir: &Path, baseline_dir: &Path, shape: &Resources, scratch: &Path) {
+    let raw_backend = backend_with_cmdline(baseline_dir, scratch, &format!("agentlab_raw_bytes={STREAM_BYTES}"));
+    let agent_backend = backend(image_dir, scratch);
+    let (mut raw, mut logs, mut artifacts) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..THROUGHPUT_RUNS {
+        raw.push(raw_copy_mb_per_s(&raw_backend, shape, &format!("raw-{run}")).await);
+        let (log, artifact) = job_stream_mb_per_s(&agent_backend, shape, scratch, &format!("stream-{run}")).await;
+        logs.push(log);
+        artifacts.push(artifact);
+    }
+    let raw_all = raw.clone();
+    let (raw, log, artifact) = (median(raw), median(logs.clone()), median(artifacts.clone()));
+    let mib = STREAM_BYTES >> 20;
+    println!("stream: raw copy, guest -> host, {mib} MiB     {raw:8.1} MB/s (median; runs {})", fmt_runs(&raw_all));
+    println!(
+        "stream: job stdout -> host log, {mib} MiB     {log:8.1} MB/s (runs {}); {:.0}% of raw (goal >= 70%)",
+        fmt_runs(&logs),
+        100.0 * log / raw
+    );
+    println!(
+        "stream: artifact push, {mib} MiB file       {artifact:8.1} MB/s (runs {}); {:.0}% of raw (goal >= 80%)",
+        fmt_runs(&artifacts),
+        100.0 * artifact / raw
+    );
+}
+
+/// The baseline init writes [`STREAM_BYTES`] after its greeting; MB/s from the first
+/// byte after it to the last.
+async fn raw_copy_mb_per_s(backend: &QemuBackend, shape: &Resources, name: &str) -> f64 {
+    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
+    let mut vm = backend
+        .provision(&ProvisionRequest {
+            sandbox_id: name.to_owned(),
+            console_log: console.clone(),
+            cores: shape.cores,
+            memory_mb: shape.memory_mb,
+        })
+        .await
+        .unwrap();
+    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
+    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    vm.boot().await.unwrap();
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await.unwrap().unwrap();
+    let mut hello = [0u8; 6];
+    stream.read_exact(&mut hello).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    let mut started = None;
+    while got < STREAM_BYTES {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{name}: the raw stream ended after {got} bytes");
+        started.get_or_insert_with(Instant::now);
+        got += n as u64;
+    }
+    let secs = started.unwrap().elapsed().as_secs_f64();
+    stream.shutdown().await.unwrap();
+    vm.destroy().await.unwrap();
+    let _ = std::fs::remove_file(console);
+    STREAM_BYTES as f64 / secs / 1e6
+}
+
+/// Records when output arrived and stores it the way agentlabd does.
+struct StreamTimer {
+    log: agentlab_host::joblog::JobLog,
+    stream: agentlab_redact::RedactStream<'static>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    bytes: u64,
+}
+
+impl agentlab_host::channel::SessionObserver for StreamTimer {
+    fn handshake_done(&mut self, _: &agentlab_protocol::Hello, _: &agentlab_protocol::HelloAck) {}
+    fn secrets_delivered(&mut self, _: &agentlab_protocol::SecretBundle) {}
+    fn secrets_refused(&mut self, _: &str) {}
+    fn job_started(&mut self, _: u32) {}
+    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<()> {
+        self.first.get_or_insert_with(Instant::now);
+        let mut clean = Vec::with_capacity(chunk.data.len());
+        self.stream.push(&chunk.data, &mut clean);
+        self.bytes += clean.len() as u64;
+        self.log.append(chunk.stream, &clean)?;
+        self.last = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// One VM, one job: it writes [`STREAM_BYTES`] to stdout, then the same amount into a
+/// file the host collects as an artifact. Returns (output MB/s, artifact MB/s). The job
+/// has a secret, so both redaction passes do real work.
+async fn job_stream_mb_per_s(backend: &QemuBackend, shape: &Resources, scratch: &Path, name: &str) -> (f64, f64) {
+    use agentlab_protocol::{
+        ArtifactRequest, JobSpec, SandboxSpec, SecretBundle, SecretBytes, SecretEntry, SecretKind,
+    };
+    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
+    let mut vm = backend
+        .provision(&ProvisionRequest {
+            sandbox_id: name.to_owned(),
+            console_log: console.clone(),
+            cores: shape.cores,
+            memory_mb: shape.memory_mb,
+        })
+        .await
+        .unwrap();
+    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
+    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    vm.boot().await.unwrap();
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await.unwrap().unwrap();
+    let secret = "sk-bench-0123456789abcdef";
+    let secrets = SecretBundle {
+        name: "bench".into(),
+        entries: vec![SecretEntry {
+            kind: SecretKind::Env,
+            name: "API_KEY".into(),
+            value: SecretBytes::copy_from(secret.as_bytes()),
+        }],
+    };
+    let spec = JobSpec {
+        job_id: format!("job-{name}"),
+        program: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            format!("head -c {STREAM_BYTES} /dev/zero; mkdir -p out && head -c {STREAM_BYTES} /dev/zero > out/big.bin"),
+        ],
+        env: Vec::new(),
+        workdir: "/workspace".into(),
+        timeout_ms: 600_000,
+        kill_grace_ms: 1000,
+        workdir_upload_bytes: None,
+        sandbox: SandboxSpec::default(),
+    };
+    let mut timer = StreamTimer {
+        log: agentlab_host::joblog::JobLog::create(&scratch.join(format!("{name}.log")), u64::MAX).unwrap(),
+        stream: agentlab_redact::Redactor::new([secret]).into_stream(),
+        first: None,
+        last: None,
+        bytes: 0,
+    };
+    let mut session = agentlab_host::channel::HostSession::new(stream);
+    let result = session.run(name, spec, secrets, None, &mut timer).await.unwrap();
+    assert_eq!(result.outcome, agentlab_protocol::JobOutcome::Exited { code: 0 }, "{name}");
+    assert_eq!(timer.bytes, STREAM_BYTES, "{name}: the log holds every byte");
+    let log_secs = (timer.last.unwrap() - timer.first.unwrap()).as_secs_f64();
+
+    let mut sink = std::fs::File::create(scratch.join(format!("{name}.tar"))).unwrap();
+    let request = ArtifactRequest { globs: vec!["out/**".into()], max_bytes: STREAM_BYTES * 2 };
+    let pushing = Instant::now();
+    let summary = session.collect_artifacts(request, &mut sink, &mut timer).await.unwrap().unwrap();
+    let push_secs = pushing.elapsed().as_secs_f64();
+    assert!(summary.bytes > STREAM_BYTES, "{name}: {} bytes pushed", summary.bytes);
+    session.shutdown().await;
+    drop(session);
+    vm.destroy().await.unwrap();
+    let _ = std::fs::remove_file(console);
+    let _ = std::fs::remove_file(scratch.join(format!("{name}.tar")));
+    let _ = std::fs::remove_file(scratch.join(format!("{name}.log")));
+    (STREAM_BYTES as f64 / log_secs / 1e6, STREAM_BYTES as f64 / push_secs / 1e6)
 }
