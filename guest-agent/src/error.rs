@@ -23,4 +23,6 @@ pub enum AgentError {
     SecretsRefused(String),
     /// cannot put the job's secrets in place: {0}
     Secrets(String),
+    /// the job was stopped: {0}
+    Gone(String),
 }

@@ -2,7 +2,6 @@
 //! it runs, wall-clock timeout (SIGTERM, then SIGKILL after the grace period), and
 //! cancellation from the host. The job starts inside its sandbox (see [`crate::sandbox`]).
 
-use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -10,8 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, Enforcement, GuestConnection, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec,
-    MAX_CHUNK_LEN, OutputChunk, OutputStream, ProtocolError,
+    Enforcement, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec, OutputStream, ProtocolError,
 };
 use agentlab_redact::{RedactStream, Redactor};
 use nix::fcntl::OFlag;
@@ -21,8 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use crate::error::AgentError;
+use crate::link::{Event, Link};
 use crate::sandbox::{AGENT_PID_ENV, LAUNCHER_SUBCOMMAND, LauncherReport, POLICY_ENV, prepare};
-use crate::session::Stream;
 use crate::status::StatusBoard;
 
 /// After the job's main process exits, how long its pipes may stay open before the
@@ -52,16 +51,18 @@ pub struct JobSecrets {
     pub redactor: Redactor,
 }
 
-pub async fn run<S: Stream>(
-    conn: &mut GuestConnection<S>,
+/// Runs the job to its end. The host may go away meanwhile: the job runs on and its
+/// output waits in the link (see [`Link`]); only a host that never comes back stops it.
+pub async fn run(
+    link: &mut Link,
     spec: &JobSpec,
     board: &StatusBoard,
     status_socket: &Path,
     secrets: &JobSecrets,
-) -> Result<JobResult, ProtocolError> {
+) -> Result<JobResult, AgentError> {
     let started = Instant::now();
     let tmpdir = prepare::tmpdir_for(&spec.job_id, std::process::id());
-    let result = run_sandboxed(conn, spec, board, &tmpdir, status_socket, secrets, started).await;
+    let result = run_sandboxed(link, spec, board, &tmpdir, status_socket, secrets, started).await;
     let _ = tokio::task::spawn_blocking(move || prepare::remove_tmpdir(&tmpdir)).await;
     result
 }
@@ -179,15 +180,15 @@ async fn launch(
     }
 }
 
-async fn run_sandboxed<S: Stream>(
-    conn: &mut GuestConnection<S>,
+async fn run_sandboxed(
+    link: &mut Link,
     spec: &JobSpec,
     board: &StatusBoard,
     tmpdir: &Path,
     status_socket: &Path,
     secrets: &JobSecrets,
     started: Instant,
-) -> Result<JobResult, ProtocolError> {
+) -> Result<JobResult, AgentError> {
     let launched = launch(spec, tmpdir, status_socket, secrets.env_dir.as_deref(), board).await;
     let (mut child, enforcement) = match launched {
         Ok(launched) => launched,
@@ -195,7 +196,8 @@ async fn run_sandboxed<S: Stream>(
     };
     let pid = child.id().unwrap_or(0);
     let group = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
-    conn.send(GuestMessage::JobStarted { pid }).await?;
+    // A host lost now learns of the job when it resumes it.
+    link.send(GuestMessage::JobStarted { pid }).await;
 
     let (tx, mut rx) = mpsc::channel::<(OutputStream, Vec<u8>)>(4);
     if let Some(out) = child.stdout.take() {
@@ -211,8 +213,6 @@ async fn run_sandboxed<S: Stream>(
     let far_future = started + Duration::from_secs(86_400 * 365);
 
     let mut output = RedactedOutput::new(&secrets.redactor);
-    let mut next_seq: u64 = 0;
-    let mut acked: u64 = 0; // chunks acknowledged
     let mut output_bytes: u64 = 0;
     let mut pipes_open = true;
     let mut exit: Option<ExitStatus> = None;
@@ -223,29 +223,23 @@ async fn run_sandboxed<S: Stream>(
     let wait = child.wait();
     tokio::pin!(wait);
 
-    while exit.is_none() || pipes_open || !output.outbox.is_empty() {
-        // Send what the window allows; read more from the job only once all is sent.
-        while next_seq - acked < CHUNK_WINDOW
-            && let Some((stream, data)) = output.outbox.pop_front()
-        {
-            output_bytes += data.len() as u64;
-            conn.send(GuestMessage::Output(OutputChunk { seq: next_seq, stream, data })).await?;
-            next_seq += 1;
-        }
-        let can_read = output.outbox.is_empty() && next_seq - acked < CHUNK_WINDOW;
+    while exit.is_none() || pipes_open {
+        output_bytes += output.move_into(link);
+        link.pump().await;
+        let can_read = link.wants_output();
         tokio::select! {
-            msg = conn.recv() => match msg? {
-                Some(HostMessage::OutputAck { seq }) => acked = acked.max(seq.saturating_add(1)).min(next_seq),
-                Some(HostMessage::Cancel) if stop.is_none() && exit.is_none() => {
+            event = link.next() => match event {
+                Ok(Event::Message(HostMessage::OutputAck { seq })) => link.ack(seq),
+                Ok(Event::Message(HostMessage::Cancel)) if stop.is_none() && exit.is_none() => {
                     stop = Some((StopReason::Cancel, Signal::SIGTERM));
                     let _ = killpg(group, Signal::SIGTERM);
                     kill_at = Some(Instant::now() + grace);
                 }
-                Some(_) => {}
-                None => {
-                    // The host is gone: nobody can receive the result. Stop everything.
+                Ok(_) => {}
+                Err(gone) => {
+                    // Nobody will ever receive the result. Stop everything.
                     let _ = killpg(group, Signal::SIGKILL);
-                    return Err(ProtocolError::Closed { waiting_for: "output acknowledgements" });
+                    return Err(gone);
                 }
             },
             chunk = rx.recv(), if can_read && pipes_open => match chunk {
@@ -281,13 +275,14 @@ async fn run_sandboxed<S: Stream>(
             }
         }
     }
+    output_bytes += output.move_into(link);
 
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = outcome_of(exit, stop);
     Ok(JobResult { outcome, duration_ms, output_bytes, enforcement })
 }
 
-/// The job's two output streams after redaction, cut into chunks the channel takes.
+/// The job's two output streams after redaction, on their way to the link.
 ///
 /// A stream holds back only what could still be the start of a secret, so line-oriented
 /// output is released as it comes. What is held is released after [`FLUSH_IDLE`] without
@@ -295,13 +290,13 @@ async fn run_sandboxed<S: Stream>(
 struct RedactedOutput<'r> {
     stdout: RedactStream<'r>,
     stderr: RedactStream<'r>,
-    outbox: VecDeque<(OutputStream, Vec<u8>)>,
+    ready: Vec<(OutputStream, Vec<u8>)>,
     flush_at: Option<Instant>,
 }
 
 impl<'r> RedactedOutput<'r> {
     fn new(redactor: &'r Redactor) -> Self {
-        RedactedOutput { stdout: redactor.stream(), stderr: redactor.stream(), outbox: VecDeque::new(), flush_at: None }
+        RedactedOutput { stdout: redactor.stream(), stderr: redactor.stream(), ready: Vec::new(), flush_at: None }
     }
 
     fn push(&mut self, stream: OutputStream, data: &[u8]) {
@@ -310,7 +305,9 @@ impl<'r> RedactedOutput<'r> {
             OutputStream::Stdout => self.stdout.push(data, &mut out),
             OutputStream::Stderr => self.stderr.push(data, &mut out),
         }
-        self.enqueue(stream, out);
+        if !out.is_empty() {
+            self.ready.push((stream, out));
+        }
         self.flush_at = (self.stdout.held() + self.stderr.held() > 0).then(|| Instant::now() + FLUSH_IDLE);
     }
 
@@ -321,20 +318,21 @@ impl<'r> RedactedOutput<'r> {
                 OutputStream::Stdout => self.stdout.flush(&mut out),
                 OutputStream::Stderr => self.stderr.flush(&mut out),
             }
-            self.enqueue(stream, out);
+            if !out.is_empty() {
+                self.ready.push((stream, out));
+            }
         }
         self.flush_at = None;
     }
 
-    /// Queues `data` in chunks of at most [`MAX_CHUNK_LEN`]: redaction can lengthen it.
-    fn enqueue(&mut self, stream: OutputStream, data: Vec<u8>) {
-        if data.len() <= MAX_CHUNK_LEN {
-            if !data.is_empty() {
-                self.outbox.push_back((stream, data));
-            }
-            return;
+    /// Hands what is ready to the link (which cuts it into chunks); returns its size.
+    fn move_into(&mut self, link: &mut Link) -> u64 {
+        let mut bytes = 0;
+        for (stream, data) in self.ready.drain(..) {
+            bytes += data.len() as u64;
+            link.queue(stream, &data);
         }
-        self.outbox.extend(data.chunks(MAX_CHUNK_LEN).map(|piece| (stream, piece.to_vec())));
+        bytes
     }
 }
 
@@ -359,7 +357,7 @@ fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> J
 }
 
 async fn pump<R: AsyncRead + Unpin>(mut pipe: R, stream: OutputStream, tx: mpsc::Sender<(OutputStream, Vec<u8>)>) {
-    let mut buf = vec![0u8; MAX_CHUNK_LEN];
+    let mut buf = vec![0u8; agentlab_protocol::MAX_CHUNK_LEN];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,

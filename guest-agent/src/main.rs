@@ -10,6 +10,7 @@ mod artifacts;
 mod error;
 mod init;
 mod job;
+mod link;
 mod modules;
 mod sandbox;
 mod secrets;

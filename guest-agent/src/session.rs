@@ -1,6 +1,7 @@
 //! One session with the host: dial, handshake, receive the job, run it, report.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentlab_protocol::transport::vsock;
@@ -12,6 +13,7 @@ use agentlab_redact::Redactor;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::AgentError;
+use crate::link::{Event, Link};
 use crate::secrets::{self, SECRETS_DIR, SecretsDir};
 use crate::status::{JobStatus, Phase, StatusBoard};
 use crate::{STATUS_SOCKET, agentlog, artifacts, job, sysinfo, upload};
@@ -58,6 +60,45 @@ pub fn run_blocking(args: RunArgs) -> Result<(), AgentError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?.block_on(run(args))
 }
 
+/// The agent's connection as a boxed stream, vsock or Unix.
+pub type BoxStream = Box<dyn Stream>;
+
+/// Dials the host and says Hello; also how a dropped link re-dials.
+pub struct Dialer {
+    args: RunArgs,
+    target: String,
+}
+
+impl Dialer {
+    fn hello() -> Hello {
+        Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            capabilities: Capabilities::ALL,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel_release: sysinfo::kernel_release(),
+            landlock_abi: sysinfo::landlock_abi(),
+        }
+    }
+
+    /// The first connection: retried until [`CONNECT_TIMEOUT`] (the host may not be
+    /// listening yet).
+    async fn dial_first(&self) -> Result<(GuestConnection<BoxStream>, HelloAck), AgentError> {
+        let stream = connect(&self.args, &self.target).await?;
+        let mut conn = GuestConnection::new(stream);
+        let ack = guest_handshake(&mut conn, Self::hello()).await?;
+        Ok((conn, ack))
+    }
+
+    /// One attempt, for re-dialing after the host went away.
+    pub async fn dial_once(&self) -> Result<GuestConnection<BoxStream>, AgentError> {
+        let stream = connect_once(&self.args).await?;
+        let mut conn = GuestConnection::new(stream);
+        guest_handshake(&mut conn, Self::hello()).await?;
+        Ok(conn)
+    }
+}
+
 async fn run(args: RunArgs) -> Result<(), AgentError> {
     let target = match &args.unix {
         Some(path) => format!("unix:{}", path.display()),
@@ -70,17 +111,8 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AgentError::Signal)?;
 
-    let stream = connect(&args, &target).await?;
-    let mut conn = GuestConnection::new(stream);
-    let hello = Hello {
-        min_version: MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        capabilities: Capabilities::ALL,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        kernel_release: sysinfo::kernel_release(),
-        landlock_abi: sysinfo::landlock_abi(),
-    };
-    let ack = guest_handshake(&mut conn, hello).await?;
+    let dialer = Arc::new(Dialer { args: args.clone(), target: target.clone() });
+    let (mut conn, ack) = dialer.dial_first().await?;
     tracing::info!("connected to {target} as {} (protocol v{})", ack.sandbox_id, ack.version);
     board.update(|s| {
         s.channel.up = true;
@@ -108,22 +140,20 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
         board.update(|s| s.secrets = dir.status.clone());
     }
     let env_dir = installed.as_ref().map(SecretsDir::env_dir);
-    let output_redactor = redactor.clone();
 
-    let session = async {
-        let workdir = Path::new(&spec.workdir);
-        if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
-            let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
-            return Err(err);
-        }
-        board.set_phase(Phase::Running);
-        let secrets = job::JobSecrets { env_dir, redactor: redactor.clone() };
-        Ok(job::run(&mut conn, &spec, &board, &args.status_socket, &secrets).await?)
-    };
+    let workdir = Path::new(&spec.workdir);
+    if let Err(err) = prepare_workdir(&mut conn, workdir, spec.workdir_upload_bytes).await {
+        let _ = conn.send(GuestMessage::AgentError { reason: err.to_string() }).await;
+        return Err(err);
+    }
+    board.set_phase(Phase::Running);
+    let resumable = ack.capabilities.contains(Capabilities::RESUME);
+    let mut link = Link::new(conn, dialer.clone(), &spec.job_id, resumable);
+    let secrets = job::JobSecrets { env_dir, redactor: redactor.clone() };
     let ran = tokio::select! {
-        ran = session => ran,
+        ran = job::run(&mut link, &spec, &board, &args.status_socket, &secrets) => ran,
         _ = terminate.recv() => {
-            // The session future (and the job's main process, kill_on_drop) is gone;
+            // The job's future (and its main process, kill_on_drop) is gone;
             // whatever else the job started goes with its group.
             if let Some(pid) = board.snapshot().job.and_then(|j| j.pid) {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)), nix::sys::signal::Signal::SIGKILL);
@@ -139,11 +169,55 @@ async fn run(args: RunArgs) -> Result<(), AgentError> {
     let result = ran?;
     board.set_phase(Phase::Reporting);
     let report = report_json(&spec, &result);
-    conn.send(GuestMessage::JobFinished(result)).await?;
-    let files = artifacts::AgentFiles { report_json: report, agent_log: Vec::new() };
-    serve_until_shutdown(&mut conn, Path::new(&spec.workdir), files, &output_redactor, &board).await;
+    finish(&mut link, result, report, workdir, &redactor, &board).await?;
     board.set_phase(Phase::Done);
     Ok(())
+}
+
+/// After the job: the rest of its output, its result, the artifacts when asked, until
+/// the host says the result is stored. Through the host going away, too: once it is
+/// back, whatever it has not stored goes again. No time limit while the host is there:
+/// a sandbox kept after its job (`--keepalive`) waits here until the host ends it.
+async fn finish(
+    link: &mut Link,
+    result: JobResult,
+    report: Vec<u8>,
+    workdir: &Path,
+    redactor: &Redactor,
+    board: &StatusBoard,
+) -> Result<(), AgentError> {
+    let mut result_sent = false;
+    loop {
+        link.pump().await;
+        if !result_sent && link.is_up() && link.sent_everything() {
+            result_sent = link.send(GuestMessage::JobFinished(result.clone())).await;
+        }
+        match link.next().await? {
+            Event::Message(HostMessage::OutputAck { seq }) => link.ack(seq),
+            Event::Message(HostMessage::CollectArtifacts(request)) => {
+                board.set_phase(Phase::PushingArtifacts);
+                let files = artifacts::AgentFiles { report_json: report.clone(), agent_log: agentlog::snapshot() };
+                if let Some(conn) = link.conn() {
+                    match artifacts::push(conn, &request, workdir, files, redactor).await {
+                        Ok(summary) => tracing::info!(
+                            "artifacts pushed: {} bytes{}",
+                            summary.bytes,
+                            if summary.skipped.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", {} left out", summary.skipped.len())
+                            }
+                        ),
+                        Err(e) => link.lose(&format!("pushing the artifacts: {e}")),
+                    }
+                }
+                board.set_phase(Phase::Reporting);
+            }
+            Event::Message(HostMessage::Shutdown) => return Ok(()),
+            Event::Message(_) => {}
+            Event::Resumed => result_sent = false,
+        }
+    }
 }
 
 /// `report.json`, pushed with the artifacts: the result as the agent saw it.
@@ -208,24 +282,28 @@ async fn take_secrets<S: Stream>(
     Ok((Some(installed), redactor))
 }
 
-async fn connect(args: &RunArgs, target: &str) -> Result<Box<dyn Stream>, AgentError> {
+async fn connect(args: &RunArgs, target: &str) -> Result<BoxStream, AgentError> {
     let started = Instant::now();
     loop {
-        let attempt: Result<Box<dyn Stream>, ProtocolError> = match &args.unix {
-            Some(path) => tokio::net::UnixStream::connect(path)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Stream>)
-                .map_err(|e| ProtocolError::io(format!("connecting to {}", path.display()), e)),
-            None => vsock::connect(args.cid, args.port).await.map(|s| Box::new(s) as Box<dyn Stream>),
-        };
-        match attempt {
+        match connect_once(args).await {
             Ok(stream) => return Ok(stream),
-            Err(source) if started.elapsed() >= CONNECT_TIMEOUT => {
+            Err(AgentError::Protocol(source)) if started.elapsed() >= CONNECT_TIMEOUT => {
                 return Err(AgentError::Connect { target: target.to_owned(), secs: CONNECT_TIMEOUT.as_secs(), source });
             }
             Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
         }
     }
+}
+
+async fn connect_once(args: &RunArgs) -> Result<BoxStream, AgentError> {
+    let stream = match &args.unix {
+        Some(path) => tokio::net::UnixStream::connect(path)
+            .await
+            .map(|s| Box::new(s) as BoxStream)
+            .map_err(|e| ProtocolError::io(format!("connecting to {}", path.display()), e))?,
+        None => vsock::connect(args.cid, args.port).await.map(|s| Box::new(s) as BoxStream)?,
+    };
+    Ok(stream)
 }
 
 async fn prepare_workdir<S: Stream>(
@@ -246,47 +324,4 @@ async fn prepare_workdir<S: Stream>(
         upload::receive(conn, total, workdir).await?;
     }
     Ok(())
-}
-
-/// Answers the host until it says the result is stored (or goes away): pushes the
-/// artifacts when it asks for them, once. No time limit: a sandbox kept after its job
-/// (`--keepalive`) waits here until the host ends it, and the host owns the VM anyway.
-async fn serve_until_shutdown<S: Stream>(
-    conn: &mut GuestConnection<S>,
-    workdir: &Path,
-    files: artifacts::AgentFiles,
-    redactor: &Redactor,
-    board: &StatusBoard,
-) {
-    let mut files = Some(files);
-    loop {
-        match conn.recv().await {
-            Ok(Some(HostMessage::CollectArtifacts(request))) => {
-                let Some(mut files) = files.take() else {
-                    tracing::warn!("the host asked for the artifacts twice; ignored");
-                    continue;
-                };
-                board.set_phase(Phase::PushingArtifacts);
-                files.agent_log = agentlog::snapshot();
-                match artifacts::push(conn, &request, workdir, files, redactor).await {
-                    Ok(summary) => tracing::info!(
-                        "artifacts pushed: {} bytes{}",
-                        summary.bytes,
-                        if summary.skipped.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", {} left out", summary.skipped.len())
-                        }
-                    ),
-                    Err(e) => {
-                        tracing::warn!("pushing the artifacts failed: {e}");
-                        return;
-                    }
-                }
-                board.set_phase(Phase::Reporting);
-            }
-            Ok(Some(HostMessage::Shutdown)) | Ok(None) | Err(_) => return,
-            Ok(Some(_)) => {}
-        }
-    }
 }

@@ -139,6 +139,17 @@ impl Admission {
         }
     }
 
+    /// Counts a sandbox that already runs (taken back after a restart) at once, even
+    /// past the budget: it exists whatever the budget says.
+    pub fn take_now(self: &Arc<Self>, need: Need) -> Admitted {
+        let mut state = self.lock();
+        state.cores += need.cores;
+        state.memory_mb += need.memory_mb;
+        *state.per_profile.entry(need.profile.clone()).or_default() += 1;
+        drop(state);
+        Admitted { admission: self.clone(), need }
+    }
+
     fn fits(&self, state: &State, need: &Need) -> bool {
         state.cores + need.cores <= self.budget.cores
             && state.memory_mb + need.memory_mb <= self.budget.memory_mb

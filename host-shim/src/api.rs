@@ -17,6 +17,7 @@ pub enum ApiRequest {
     /// Submit a job. If `repo_bytes` is set, that many bytes of tar follow as `UploadChunk`s.
     Submit(SubmitRequest),
     UploadChunk {
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     JobShow {
@@ -117,6 +118,7 @@ pub enum ApiResponse {
     /// Output of a job; `offset` is where the next record starts in the stored log.
     Output {
         stream: OutputStream,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         offset: u64,
     },
@@ -134,6 +136,7 @@ pub enum ApiResponse {
     Done,
     Artifacts(Vec<ArtifactView>),
     ArtifactData {
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Artifact(ArtifactView),

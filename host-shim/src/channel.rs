@@ -43,7 +43,9 @@ pub trait SessionObserver: Send {
     /// The guest asked for secrets again and was refused with `reason`.
     fn secrets_refused(&mut self, reason: &str);
     fn job_started(&mut self, pid: u32);
-    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()>;
+    /// Stores a chunk; returns whether everything through it is stored now, so that
+    /// it can be acknowledged (a redactor may still hold its tail back).
+    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<bool>;
 }
 
 /// Cuts untrusted text to [`MAX_GUEST_TEXT`] bytes (on a char boundary) and strips controls.
@@ -172,7 +174,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         if let Some(path) = upload {
             self.upload(path, observer).await?;
         }
-        self.stream_output(observer).await
+        self.stream_output(observer, false, 0).await
+    }
+
+    /// Takes back a job whose agent re-dialed after agentlabd restarted: the host has
+    /// stored its output through chunk `stored_through`; the agent sends the rest, then
+    /// the result if the job is over.
+    pub async fn resume(
+        &mut self,
+        sandbox_id: &str,
+        job_id: &str,
+        stored_through: Option<u64>,
+        observer: &mut dyn SessionObserver,
+    ) -> Result<JobResult, SessionError> {
+        sandbox_id.clone_into(&mut self.sandbox_id);
+        let (hello, ack) = host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
+            ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
+            other => other.into(),
+        })?;
+        if !ack.capabilities.contains(Capabilities::RESUME) {
+            return Err(SessionError::Violation {
+                phase: "after agentlabd restarted",
+                detail: format!("the agent ({}) cannot resume a job", sanitize_guest_text(&hello.agent_version)),
+            });
+        }
+        observer.handshake_done(&hello, &ack);
+        self.capabilities = ack.capabilities;
+        let resume = HostMessage::ResumeJob { job_id: job_id.to_owned(), stored_through };
+        self.send(resume, "after agentlabd restarted").await?;
+        self.stream_output(observer, true, stored_through.map_or(0, |s| s + 1)).await
     }
 
     /// Answers the agent's one request for secrets.
@@ -253,9 +283,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         Ok(())
     }
 
-    async fn stream_output(&mut self, observer: &mut dyn SessionObserver) -> Result<JobResult, SessionError> {
-        let mut started = false;
-        let mut next_seq = 0u64;
+    async fn stream_output(
+        &mut self,
+        observer: &mut dyn SessionObserver,
+        mut started: bool,
+        mut next_seq: u64,
+    ) -> Result<JobResult, SessionError> {
         let mut cancel = self.cancel.take();
         loop {
             let phase = if started { "while the job was running" } else { "before the job started" };
@@ -272,6 +305,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     started = true;
                     observer.job_started(pid);
                 }
+                // A resumed agent may say it again; once is what counts.
+                GuestMessage::JobStarted { .. } => {}
                 GuestMessage::Output(chunk) if started => {
                     if chunk.seq != next_seq {
                         return Err(SessionError::Violation {
@@ -285,8 +320,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                             detail: format!("output chunk of {} bytes, over {MAX_CHUNK_LEN}", chunk.data.len()),
                         });
                     }
-                    observer.output(&chunk).map_err(SessionError::Store)?;
-                    self.conn.send(HostMessage::OutputAck { seq: chunk.seq }).await?;
+                    if observer.output(&chunk).map_err(SessionError::Store)? {
+                        self.conn.send(HostMessage::OutputAck { seq: chunk.seq }).await?;
+                    }
                     next_seq += 1;
                 }
                 GuestMessage::JobFinished(result) => {

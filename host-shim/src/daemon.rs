@@ -17,8 +17,8 @@ use crate::metrics::Metrics;
 use crate::profile::{Profile, ProfileError, ProfileSet};
 use crate::runner::{self, QueuedJob};
 use crate::secrets::SecretStore;
-use crate::state::{JobState, SandboxState};
-use crate::store::{JobEnd, NewJob, Store, StoreError, now_ms};
+use crate::state::JobState;
+use crate::store::{NewJob, Store, StoreError, now_ms};
 
 /// Longest command line accepted.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -93,28 +93,8 @@ impl Daemon {
             admission,
             metrics: Metrics::default(),
         });
-        daemon.settle_unfinished()?;
+        daemon.recover()?;
         Ok(daemon)
-    }
-
-    /// A previous daemon died mid-job. Its VMs died with it (they are started with
-    /// PR_SET_PDEATHSIG), so each such job is failed with that reason.
-    fn settle_unfinished(&self) -> Result<(), DaemonError> {
-        let (jobs, sandboxes) = self.store.unfinished()?;
-        let reason = "agentlabd stopped while this job was in flight; its sandbox did not survive";
-        for job in jobs {
-            let end = JobEnd { error: Some(reason.to_owned()), ..JobEnd::default() };
-            self.store.transition_job(&job, JobState::Failed, Some(&end), Some(reason))?;
-        }
-        let views = self.store.sandboxes()?;
-        for view in views.iter().filter(|v| sandboxes.contains(&v.id)) {
-            if view.state.can_become(SandboxState::Failed) {
-                self.store.transition_sandbox(&view.id, SandboxState::Failed, Some(reason))?;
-            }
-            self.store.transition_sandbox(&view.id, SandboxState::Destroyed, Some("cleaned up at start"))?;
-            let _ = std::fs::remove_dir_all(self.config.qemu.run_dir.join(&view.id));
-        }
-        Ok(())
     }
 
     /// Checks a submission before anything is stored; returns its profile.
@@ -177,12 +157,7 @@ impl Daemon {
             keepalive,
             lease_expires_at_ms,
         })?;
-        let (cancel, cancelled) = watch::channel(None);
-        let (phase, phase_rx) = watch::channel("queued");
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(job_id.clone(), LiveJob { log: log.clone(), cancel, phase: phase_rx });
+        let (cancelled, phase) = self.register_live(&job_id, log.clone());
         let job = QueuedJob {
             job_id: job_id.clone(),
             sandbox_id: sandbox_id.clone(),
@@ -197,6 +172,19 @@ impl Daemon {
         };
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))
+    }
+
+    /// Makes a job live: followable, cancellable. Returns the job's ends of both.
+    pub(crate) fn register_live(
+        &self,
+        job_id: &str,
+        log: Arc<JobLog>,
+    ) -> (watch::Receiver<Option<String>>, watch::Sender<&'static str>) {
+        let (cancel, cancelled) = watch::channel(None);
+        let (phase, phase_rx) = watch::channel("queued");
+        let live = LiveJob { log, cancel, phase: phase_rx };
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).insert(job_id.to_owned(), live);
+        (cancelled, phase)
     }
 
     /// The live log of a running job, if it is still running.

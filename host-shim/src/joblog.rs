@@ -3,6 +3,11 @@
 //!
 //! File format: records of `[stream: u8][len: u32 BE][data]`. A follower holds a byte
 //! offset, so `--follow` can stop and resume anywhere on a record boundary.
+//!
+//! Stream tag 0 is a checkpoint, `[0][8][seq: u64 BE]`: everything the guest sent up to
+//! and including output chunk `seq` is stored above it. After a crash the log is cut
+//! back to its last checkpoint and the agent resends from the chunk after it, so each
+//! byte is stored exactly once. Readers skip checkpoints.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -13,6 +18,7 @@ use agentlab_protocol::{MAX_FRAME_LEN, OutputStream};
 use tokio::sync::watch;
 
 const RECORD_HEADER: usize = 5;
+const CHECKPOINT_TAG: u8 = 0;
 
 /// How far the log has been written, and whether it is complete.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,10 +73,49 @@ impl JobLog {
         Ok(true)
     }
 
+    /// Marks the output through chunk `seq` as stored.
+    pub fn checkpoint(&self, seq: u64) -> io::Result<()> {
+        self.write_tagged(CHECKPOINT_TAG, &seq.to_be_bytes())
+    }
+
+    /// Opens an existing log to go on writing it: cut back to its last checkpoint, whose
+    /// chunk number it returns (none: nothing was stored yet).
+    pub fn reopen(path: &Path, max_bytes: u64) -> io::Result<(JobLog, Option<u64>)> {
+        let mut reader = LogReader::open(path, 0)?;
+        let limit = std::fs::metadata(path)?.len();
+        let (mut keep, mut stored_through) = (0u64, None);
+        loop {
+            match reader.next_raw(limit) {
+                Ok(Some((CHECKPOINT_TAG, data))) => {
+                    stored_through = data.try_into().ok().map(u64::from_be_bytes);
+                    keep = reader.offset();
+                }
+                Ok(Some(_)) => {}
+                // A torn record at the end is cut off with the rest.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let file = File::options().write(true).open(path)?;
+        file.set_len(keep)?;
+        let mut file = file;
+        file.seek(SeekFrom::Start(keep))?;
+        let log = JobLog {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+            progress: watch::Sender::new(LogProgress { len: keep, ..LogProgress::default() }),
+            max_bytes,
+        };
+        Ok((log, stored_through))
+    }
+
     fn write_record(&self, stream: OutputStream, data: &[u8]) -> io::Result<()> {
+        self.write_tagged(stream_byte(stream), data)
+    }
+
+    fn write_tagged(&self, tag: u8, data: &[u8]) -> io::Result<()> {
         let len = u32::try_from(data.len()).map_err(|_| io::Error::other("output record too large"))?;
         let mut record = Vec::with_capacity(RECORD_HEADER + data.len());
-        record.push(stream_byte(stream));
+        record.push(tag);
         record.extend_from_slice(&len.to_be_bytes());
         record.extend_from_slice(data);
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,20 +158,32 @@ impl LogReader {
         self.offset
     }
 
-    /// The next complete record below `limit` bytes, or `None` if there is none yet.
+    /// The next complete output record below `limit` bytes, or `None` if there is none
+    /// yet. Checkpoints are skipped.
     pub fn next_record(&mut self, limit: u64) -> io::Result<Option<(OutputStream, Vec<u8>)>> {
+        loop {
+            let Some((tag, data)) = self.next_raw(limit)? else {
+                return Ok(None);
+            };
+            let stream = match tag {
+                CHECKPOINT_TAG => continue,
+                1 => OutputStream::Stdout,
+                2 => OutputStream::Stderr,
+                other => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad stream tag {other} in log")));
+                }
+            };
+            return Ok(Some((stream, data)));
+        }
+    }
+
+    /// The next complete record of any kind below `limit`, with its tag.
+    fn next_raw(&mut self, limit: u64) -> io::Result<Option<(u8, Vec<u8>)>> {
         if self.offset + RECORD_HEADER as u64 > limit {
             return Ok(None);
         }
         let mut header = [0u8; RECORD_HEADER];
         self.file.read_exact(&mut header)?;
-        let stream = match header[0] {
-            1 => OutputStream::Stdout,
-            2 => OutputStream::Stderr,
-            other => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad stream tag {other} in log")));
-            }
-        };
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         if len > MAX_FRAME_LEN {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("log record of {len} bytes")));
@@ -138,7 +195,7 @@ impl LogReader {
         let mut data = vec![0; len];
         self.file.read_exact(&mut data)?;
         self.offset += (RECORD_HEADER + len) as u64;
-        Ok(Some((stream, data)))
+        Ok(Some((header[0], data)))
     }
 }
 
@@ -225,6 +282,33 @@ mod tests {
         assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stdout, b"0123456789".to_vec())));
         assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stderr, TRUNCATED_MARKER.to_vec())));
         assert_eq!(reader.next_record(limit).unwrap(), None);
+    }
+
+    #[test]
+    fn reopening_cuts_back_to_the_last_checkpoint_and_readers_skip_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        let log = JobLog::create(&path, 1 << 20).unwrap();
+        assert_eq!(JobLog::reopen(&path, 1 << 20).unwrap().1, None);
+        log.append(OutputStream::Stdout, b"chunk 0\n").unwrap();
+        log.checkpoint(0).unwrap();
+        log.append(OutputStream::Stdout, b"chunk 1 and part of ").unwrap();
+        log.checkpoint(1).unwrap();
+        log.append(OutputStream::Stdout, b"chunk 2 held back").unwrap();
+        // A record torn by the crash.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&[1, 0, 0, 0, 9, b'x']).unwrap();
+        drop(log);
+        let (log, stored_through) = JobLog::reopen(&path, 1 << 20).unwrap();
+        assert_eq!(stored_through, Some(1));
+        log.append(OutputStream::Stderr, b"resent\n").unwrap();
+        let len = log.subscribe().borrow().len;
+        assert_eq!(len, std::fs::metadata(&path).unwrap().len());
+        let mut reader = LogReader::open(&path, 0).unwrap();
+        let mut got = Vec::new();
+        while let Some((_, data)) = reader.next_record(len).unwrap() {
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got, b"chunk 0\nchunk 1 and part of resent\n");
     }
 
     /// Reads everything from a tail position, as the server does.

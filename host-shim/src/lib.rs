@@ -14,6 +14,7 @@ pub mod joblog;
 pub mod leases;
 pub mod metrics;
 pub mod profile;
+pub mod recovery;
 mod runner;
 pub mod secrets;
 pub mod server;

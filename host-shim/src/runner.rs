@@ -102,6 +102,11 @@ fn set_job(store: &Store, id: &str, to: JobState, end: Option<&JobEnd>, message:
 
 pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
     let finish = drive(&daemon, &job).await;
+    conclude(&daemon, &job, &finish);
+}
+
+/// Records how the job ended and lets go of it.
+fn conclude(daemon: &Daemon, job: &QueuedJob, finish: &Finish) {
     set_job(&daemon.store, &job.job_id, finish.job, Some(&finish.end), Some(&finish.message));
     job.log.close();
     daemon.job_done(&job.job_id);
@@ -172,8 +177,21 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
 
     let mut held = None;
     let finish = boot_and_run(daemon, job, vm.as_mut(), secrets, &mut held).await;
+    teardown(daemon, job, vm, finish, held, admitted).await
+}
+
+/// After the session: the sandbox is kept (`--keepalive`) or destroyed.
+async fn teardown(
+    daemon: &Arc<Daemon>,
+    job: &QueuedJob,
+    vm: Box<dyn Sandbox>,
+    finish: Finish,
+    held: Option<Held>,
+    admitted: Admitted,
+) -> Finish {
+    let (store, sb) = (&daemon.store, job.sandbox_id.as_str());
     job.phase.send_replace("tearing down");
-    record(finish.sandbox, Some(&finish.message));
+    set_sandbox(store, sb, finish.sandbox, Some(&finish.message));
     if let Some(held) = held {
         if job.keepalive && job.cancelled.borrow().is_none() {
             keep(daemon, job, vm, held, admitted);
@@ -183,7 +201,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         session.shutdown().await;
     }
     match vm.destroy().await {
-        Ok(()) => record(SandboxState::Destroyed, None),
+        Ok(()) => set_sandbox(store, sb, SandboxState::Destroyed, None),
         Err(e) => {
             daemon.metrics.backend_error("destroy");
             let msg = format!("tearing sandbox {sb} down failed: {e}");
@@ -192,6 +210,64 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         }
     }
     finish
+}
+
+/// Carries on with a job whose sandbox an earlier, killed agentlabd left running: waits
+/// for its agent to dial back in, tells it how much output is stored, takes the rest
+/// and the result, then collects the artifacts and tears down as usual.
+pub async fn resume(
+    daemon: Arc<Daemon>,
+    job: QueuedJob,
+    mut vm: Box<dyn Sandbox>,
+    stored_through: Option<u64>,
+    admitted: Admitted,
+) {
+    let finish = resume_session(&daemon, &job, vm.as_mut(), stored_through).await;
+    let (finish, held) = finish;
+    let finish = teardown(&daemon, &job, vm, finish, held, admitted).await;
+    conclude(&daemon, &job, &finish);
+}
+
+async fn resume_session(
+    daemon: &Arc<Daemon>,
+    job: &QueuedJob,
+    vm: &mut dyn Sandbox,
+    stored_through: Option<u64>,
+) -> (Finish, Option<Held>) {
+    let sb = job.sandbox_id.as_str();
+    let ChannelEndpoint::Hybrid { uds } = vm.channel() else {
+        return (Finish::failed(SandboxState::Failed, format!("sandbox {sb} cannot be resumed over AF_VSOCK")), None);
+    };
+    let listener = match hybrid::listen(&uds, AGENT_VSOCK_PORT) {
+        Ok(l) => l,
+        Err(e) => {
+            return (Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}")), None);
+        }
+    };
+    job.phase.send_replace("reconnecting");
+    let stream = tokio::select! {
+        accepted = tokio::time::timeout(RESUME_WAIT, listener.accept()) => match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => return (Finish::failed(SandboxState::Failed, format!("accepting sandbox {sb}'s agent: {e}")), None),
+            Err(_) => return (Finish::failed(
+                SandboxState::Failed,
+                format!("sandbox {sb}: its agent did not dial back in within {} s of agentlabd's restart", RESUME_WAIT.as_secs()),
+            ), None),
+        },
+        exit = vm.exited() => return (Finish::failed(
+            SandboxState::Failed,
+            format!("sandbox {sb}: the VM stopped before its agent dialed back in: {}", exit.description),
+        ), None),
+    };
+    let redactor = match load_secrets(daemon, job).await {
+        Ok(bundle) => Redactor::new(bundle.values()),
+        Err(msg) => return (Finish::failed(SandboxState::Failed, msg), None),
+    };
+    job.phase.send_replace("running");
+    let mut held = None;
+    let finish =
+        run_session(daemon, job, vm, stream, listener, Start::Resume { stored_through }, redactor, &mut held).await;
+    (finish, held)
 }
 
 /// Hands the sandbox to the daemon's kept set: the VM and its agent's session stay until
@@ -327,7 +403,6 @@ async fn boot_and_run(
     };
     // Exactly one agent session per sandbox: the listener stays open only to turn any
     // later connection away (it could be the job posing as its agent) and record it.
-
     let spec = JobSpec {
         job_id: job.job_id.clone(),
         program: "/bin/sh".into(),
@@ -342,10 +417,37 @@ async fn boot_and_run(
         },
         sandbox: sandbox_spec(&job.profile),
     };
+    let redactor = Redactor::new(secrets.values());
+    run_session(daemon, job, vm, stream, listener, Start::Fresh { spec: Box::new(spec), secrets }, redactor, held).await
+}
+
+/// How a session begins: a new job, or one taken back after a restart.
+enum Start {
+    Fresh { spec: Box<JobSpec>, secrets: SecretBundle },
+    Resume { stored_through: Option<u64> },
+}
+
+/// The session with the agent, to the job's result and artifacts. If the job reports,
+/// its session is left in `held` (open), for the caller to close or keep.
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    daemon: &Daemon,
+    job: &QueuedJob,
+    vm: &mut dyn Sandbox,
+    stream: UnixStream,
+    listener: UnixListener,
+    start: Start,
+    redactor: Redactor,
+    held: &mut Option<Held>,
+) -> Finish {
+    let (store, sb) = (&daemon.store, job.sandbox_id.as_str());
     // The agent enforces the job's timeout; the host only steps in if the guest
     // fails to report well after it.
     let watchdog = Duration::from_millis(job.timeout_ms) + daemon.config.kill_grace + daemon.config.report_slack;
-    let redactor = Redactor::new(secrets.values());
+    let resumed_at = match &start {
+        Start::Resume { stored_through } => *stored_through,
+        Start::Fresh { .. } => None,
+    };
     let mut observer = Observer {
         daemon,
         job,
@@ -353,6 +455,8 @@ async fn boot_and_run(
         stdout: redactor.clone().into_stream(),
         stderr: redactor.clone().into_stream(),
         truncated: false,
+        last_seq: resumed_at,
+        unacked: 0,
     };
     let mut session = HostSession::new(stream).with_cancel(job.cancelled.clone());
     enum Ended {
@@ -362,7 +466,12 @@ async fn boot_and_run(
     }
     let ended = tokio::select! {
         biased;
-        result = tokio::time::timeout(watchdog, session.run(sb, spec, secrets, job.upload.as_deref(), &mut observer)) => match result {
+        result = tokio::time::timeout(watchdog, async {
+            match start {
+                Start::Fresh { spec, secrets } => session.run(sb, *spec, secrets, job.upload.as_deref(), &mut observer).await,
+                Start::Resume { stored_through } => session.resume(sb, &job.job_id, stored_through, &mut observer).await,
+            }
+        }) => match result {
             Ok(Ok(result)) => Ended::Reported(result),
             Ok(Err(e)) => Ended::Broken(e.to_string()),
             Err(_) => Ended::Silent(format!("the guest did not report a result within {} s of the job's start", watchdog.as_secs())),
@@ -455,6 +564,9 @@ fn signal_name(signal: i32) -> String {
 
 /// How long the guest may take to push its artifacts.
 const ARTIFACT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a restarted agentlabd waits for a running sandbox's agent to dial back in
+/// (the agent re-dials every 200 ms).
+const RESUME_WAIT: Duration = Duration::from_secs(60);
 /// Most guest-reported lines (skipped or rejected artifacts) recorded as events.
 const MAX_ARTIFACT_EVENTS: usize = 32;
 
@@ -583,7 +695,13 @@ struct Observer<'a> {
     stdout: RedactStream<'static>,
     stderr: RedactStream<'static>,
     truncated: bool,
+    /// The last chunk received, and how many since the last acknowledgement.
+    last_seq: Option<u64>,
+    unacked: u64,
 }
+
+/// Chunks after which held-back bytes are released rather than keep the agent waiting.
+const FORCE_RELEASE_AFTER: u64 = agentlab_protocol::CHUNK_WINDOW / 2;
 
 impl Observer<'_> {
     fn store(&mut self, stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
@@ -610,6 +728,14 @@ impl Observer<'_> {
 
     /// Stores what the redactors still hold; the output is complete.
     fn finish(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        match self.last_seq {
+            Some(seq) => self.job.log.checkpoint(seq),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         self.stdout.flush(&mut out);
         self.stderr.flush(&mut err);
@@ -625,7 +751,12 @@ impl SessionObserver for Observer<'_> {
         let agent = sanitize_guest_text(&hello.agent_version);
         let _ = store.set_guest_info(&self.job.job_id, &kernel, &agent);
         let msg = format!("agent {agent} on kernel {kernel}, protocol v{}", ack.version);
-        set_sandbox(store, &self.job.sandbox_id, SandboxState::Ready, Some(&msg));
+        // A resumed session finds the sandbox running already.
+        if store.sandbox(&self.job.sandbox_id).is_ok_and(|s| s.state.can_become(SandboxState::Ready)) {
+            set_sandbox(store, &self.job.sandbox_id, SandboxState::Ready, Some(&msg));
+        } else {
+            let _ = store.record_event(Some(&self.job.job_id), Some(&self.job.sandbox_id), "channel.resumed", &msg);
+        }
     }
 
     fn secrets_delivered(&mut self, bundle: &SecretBundle) {
@@ -660,12 +791,28 @@ impl SessionObserver for Observer<'_> {
         set_job(store, &self.job.job_id, JobState::Running, None, Some(&msg));
     }
 
-    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<()> {
+    /// A chunk is acknowledged once everything through it is in the log (with a
+    /// checkpoint): while the redactor holds back a possible secret prefix, the chunk
+    /// stays the agent's to resend after a crash. After [`FORCE_RELEASE_AFTER`] chunks
+    /// without that, the held bytes are released, so the agent's window never stalls.
+    fn output(&mut self, chunk: &OutputChunk) -> std::io::Result<bool> {
         let mut clean = Vec::with_capacity(chunk.data.len());
         match chunk.stream {
             OutputStream::Stdout => self.stdout.push(&chunk.data, &mut clean),
             OutputStream::Stderr => self.stderr.push(&chunk.data, &mut clean),
         }
-        self.store(chunk.stream, &clean)
+        self.store(chunk.stream, &clean)?;
+        self.last_seq = Some(chunk.seq);
+        let complete = self.stdout.held() == 0 && self.stderr.held() == 0;
+        if !complete && self.unacked < FORCE_RELEASE_AFTER {
+            self.unacked += 1;
+            return Ok(false);
+        }
+        if !complete {
+            self.flush()?;
+        }
+        self.job.log.checkpoint(chunk.seq)?;
+        self.unacked = 0;
+        Ok(true)
     }
 }

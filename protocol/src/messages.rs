@@ -1,5 +1,8 @@
 //! The messages. Variants are encoded by their index: append new ones at the end,
 //! never reorder or remove (a decoder rejects an index it does not know).
+//!
+//! Data fields are `serde_bytes`: postcard writes them exactly as it writes a `Vec<u8>`
+//! (a varint length, then the bytes), but in one copy instead of one call per byte.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,10 +23,14 @@ impl Capabilities {
     /// After the result the host asks for artifacts ([`HostMessage::CollectArtifacts`]);
     /// the agent pushes them as an acknowledged tar stream.
     pub const ARTIFACTS: Capabilities = Capabilities(1 << 3);
+    /// An agent whose channel drops keeps its job running, re-dials and, told where
+    /// the host's record of the output ends ([`HostMessage::ResumeJob`]), sends the rest.
+    pub const RESUME: Capabilities = Capabilities(1 << 4);
 
     /// Everything this build supports.
-    pub const ALL: Capabilities =
-        Capabilities(Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0 | Self::SECRETS.0 | Self::ARTIFACTS.0);
+    pub const ALL: Capabilities = Capabilities(
+        Self::WORKDIR_UPLOAD.0 | Self::OUTPUT_ACK.0 | Self::SECRETS.0 | Self::ARTIFACTS.0 | Self::RESUME.0,
+    );
 
     /// The bits both sides have.
     #[must_use]
@@ -185,6 +192,7 @@ pub struct OutputChunk {
     /// Starts at 0 and increases by one per chunk, across both streams.
     pub seq: u64,
     pub stream: OutputStream,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -258,6 +266,7 @@ pub enum GuestMessage {
     /// A piece of the artifact tar stream; `seq` starts at 0.
     ArtifactChunk {
         seq: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The artifact stream is complete.
@@ -279,6 +288,7 @@ pub enum HostMessage {
     Job(JobSpec),
     WorkdirChunk {
         seq: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Output chunks up to and including `seq` are stored.
@@ -300,6 +310,13 @@ pub enum HostMessage {
     /// Artifact chunks up to and including `seq` are stored.
     ArtifactAck {
         seq: u64,
+    },
+    /// To an agent that re-dialed (instead of a job): carry on with `job_id`; the
+    /// host has stored its output through chunk `stored_through` (none: nothing yet),
+    /// so send what follows, then the result if the job is over.
+    ResumeJob {
+        job_id: String,
+        stored_through: Option<u64>,
     },
 }
 
@@ -338,6 +355,7 @@ impl MessageKind for HostMessage {
             Self::SecretsRefused { .. } => "SecretsRefused",
             Self::CollectArtifacts(_) => "CollectArtifacts",
             Self::ArtifactAck { .. } => "ArtifactAck",
+            Self::ResumeJob { .. } => "ResumeJob",
         }
     }
 }

@@ -143,6 +143,8 @@ fn all_host_messages() -> Vec<HostMessage> {
         HostMessage::SecretsRefused { reason: "already delivered".into() },
         HostMessage::CollectArtifacts(ArtifactRequest { globs: vec!["out/**".into()], max_bytes: 1 << 29 }),
         HostMessage::ArtifactAck { seq: 4 },
+        HostMessage::ResumeJob { job_id: "job-1".into(), stored_through: Some(41) },
+        HostMessage::ResumeJob { job_id: "job-2".into(), stored_through: None },
     ]
 }
 
@@ -251,8 +253,8 @@ fn trailing_bytes_are_an_error() {
 
 #[test]
 fn unknown_variants_are_rejected() {
-    // Variant indexes are varints: GuestMessage has 9 variants, HostMessage 11.
-    for (index, is_guest) in [(9u8, true), (11u8, false), (200u8, true)] {
+    // Variant indexes are varints: GuestMessage has 9 variants, HostMessage 12.
+    for (index, is_guest) in [(9u8, true), (12u8, false), (200u8, true)] {
         let frame = [0, 0, 0, 1, index];
         let res = if is_guest {
             decode_all::<GuestMessage>(&frame).map(|_| ())
@@ -303,4 +305,29 @@ proptest! {
         let _ = decode_all::<GuestMessage>(&bytes);
         let _ = decode_all::<HostMessage>(&bytes);
     }
+}
+
+/// `serde_bytes` on data fields changes speed, not the wire: the same bytes as a plain
+/// `Vec<u8>` field, so agents and hosts built before it interoperate.
+#[test]
+fn byte_fields_encode_exactly_as_plain_vectors() {
+    #[derive(serde::Serialize)]
+    struct PlainChunk {
+        seq: u64,
+        stream: OutputStream,
+        data: Vec<u8>,
+    }
+    #[derive(serde::Serialize)]
+    enum PlainGuest {
+        _Hello(Hello),
+        _WorkdirAck { seq: u64 },
+        _JobStarted { pid: u32 },
+        Output(PlainChunk),
+    }
+    let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let ours =
+        encode_message(&GuestMessage::Output(OutputChunk { seq: 5, stream: OutputStream::Stdout, data: data.clone() }))
+            .unwrap();
+    let plain = encode_message(&PlainGuest::Output(PlainChunk { seq: 5, stream: OutputStream::Stdout, data })).unwrap();
+    assert_eq!(ours, plain);
 }

@@ -143,6 +143,21 @@ impl Daemon {
         self.child = spawn_daemon(self.state.path(), &[], &[]);
     }
 
+    /// The pids of [`Daemon::processes_using_state`].
+    pub fn pids_using_state(&self) -> Vec<u32> {
+        let needle = self.state.path().to_str().unwrap().to_owned();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && !cmdline.contains("agentlabd") {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
     /// Processes other than agentlabd whose command line names this daemon's state
     /// directory: its VMs and their devices.
     pub fn processes_using_state(&self) -> Vec<String> {
@@ -208,6 +223,10 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Sandboxes outlive a killed daemon by design; a test's must not outlive the test.
+        for pid in self.pids_using_state() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
     }
 }
 
@@ -247,13 +266,13 @@ impl agentlab_host::channel::SessionObserver for SessionRecord {
     fn job_started(&mut self, pid: u32) {
         self.pid = Some(pid);
     }
-    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<()> {
+    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<bool> {
         self.chunks += 1;
         match chunk.stream {
             agentlab_protocol::OutputStream::Stdout => self.stdout.extend_from_slice(&chunk.data),
             agentlab_protocol::OutputStream::Stderr => self.stderr.extend_from_slice(&chunk.data),
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Where sandboxes come from. `qemu` (local microVMs) is the embedded default;
 //! `proxmox` is the production backend.
 
+pub mod adopted;
 mod process;
 pub mod qemu;
 
@@ -54,6 +55,15 @@ pub enum BackendError {
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+
+    /// A sandbox an earlier, killed daemon left running, to carry on with; `None` if
+    /// this backend cannot take VMs over or the VM is gone.
+    fn adopt(&self, _sandbox_id: &str) -> Option<Box<dyn Sandbox>> {
+        None
+    }
+
+    /// Gets rid of whatever is left of a sandbox no job needs any more.
+    fn discard(&self, _sandbox_id: &str) {}
 
     /// The vCPUs and memory (MiB) a sandbox asking for `cores` and `memory_mb` gets,
     /// which is what admission control counts against the host's budget.

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
+use super::adopted::{AdoptedVm, ProcessId, VmRecord};
 use super::process::{find_program, tail};
 use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
 use crate::doctor::Check;
@@ -202,6 +203,18 @@ impl Backend for QemuBackend {
         "qemu"
     }
 
+    fn adopt(&self, sandbox_id: &str) -> Option<Box<dyn Sandbox>> {
+        AdoptedVm::find(&self.config.run_dir.join(sandbox_id)).map(|vm| Box::new(vm) as Box<dyn Sandbox>)
+    }
+
+    fn discard(&self, sandbox_id: &str) {
+        let dir = self.config.run_dir.join(sandbox_id);
+        if let Some(record) = VmRecord::read(&dir) {
+            record.kill();
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     fn granted(&self, cores: u32, memory_mb: u32) -> (u32, u32) {
         (cores.clamp(1, self.config.max_cpus.max(1)), memory_mb.clamp(128, self.config.max_memory_mb.max(128)))
     }
@@ -322,13 +335,15 @@ fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
         .map_err(|source| BackendError::Io { context: format!("creating {}", path.display()), source })
 }
 
-/// Children die with the daemon rather than outlive it as orphans.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this runs
+/// The VM's processes get a session of their own: a killed (or restarted) daemon does
+/// not take its sandboxes with it. The next daemon takes them over from `vm.json`, or
+/// kills them if their job cannot go on.
+fn outlive_daemon(cmd: &mut Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent; this runs
     // in the child between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -349,7 +364,7 @@ impl QemuSandbox {
             .stdout(log_file(&self.vhost_log)?)
             .stderr(log_file(&self.vhost_log)?)
             .kill_on_drop(true);
-        die_with_parent(&mut cmd);
+        outlive_daemon(&mut cmd);
         let what = "vhost-device-vsock";
         let mut child = cmd.spawn().map_err(|source| BackendError::Spawn { what: what.into(), source })?;
         let deadline = tokio::time::Instant::now() + DEVICE_START_TIMEOUT;
@@ -418,9 +433,24 @@ impl Sandbox for QemuSandbox {
             .stdout(log_file(&self.qemu_log)?)
             .stderr(log_file(&self.qemu_log)?)
             .kill_on_drop(true);
-        die_with_parent(&mut cmd);
+        outlive_daemon(&mut cmd);
         let child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "qemu".into(), source })?;
+        let processes =
+            (child.id().and_then(ProcessId::of), self.vhost.as_ref().and_then(|v| v.id()).and_then(ProcessId::of));
         self.qemu = Some(child);
+        if let (Some(qemu), Some(vhost)) = processes {
+            let record = VmRecord {
+                qemu,
+                vhost,
+                cpus: self.cpus,
+                memory_mb: self.memory_mb,
+                accel: self.accel.to_owned(),
+                console_log: self.console_log.clone(),
+            };
+            record
+                .write(&self.dir)
+                .map_err(|source| BackendError::Io { context: format!("recording {}", self.dir.display()), source })?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! 4. The secret redactor's throughput, against sed doing the same replacements.
 //! 5. Job output and artifact push throughput through the whole path, against a raw
 //!    copy of the same number of bytes through the same hybrid-vsock socket pair.
+//!    `AGENTLAB_BENCH_ONLY=stream` runs only this section.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark aborts on any surprise.
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,10 @@ async fn main() {
     let profiles = agentlab_host::profile::load_dir(&args.profiles_dir).unwrap();
     let shape = profiles.get(DEFAULT_PROFILE).unwrap().resources.clone();
     println!("boot shape: profile {DEFAULT_PROFILE}, {} vCPU, {} MiB", shape.cores, shape.memory_mb);
+    if std::env::var("AGENTLAB_BENCH_ONLY").as_deref() == Ok("stream") {
+        throughput_figures(&args.image_dir, &baseline_dir, &shape, scratch.path()).await;
+        return;
+    }
     let agent_backend = backend(&args.image_dir, scratch.path());
     let baseline_backend = backend(&baseline_dir, scratch.path());
     let (mut agent_ms, mut baseline_ms) = (Vec::new(), Vec::new());
@@ -398,14 +403,14 @@ impl agentlab_host::channel::SessionObserver for StreamTimer {
     fn secrets_delivered(&mut self, _: &agentlab_protocol::SecretBundle) {}
     fn secrets_refused(&mut self, _: &str) {}
     fn job_started(&mut self, _: u32) {}
-    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<()> {
+    fn output(&mut self, chunk: &agentlab_protocol::OutputChunk) -> std::io::Result<bool> {
         self.first.get_or_insert_with(Instant::now);
         let mut clean = Vec::with_capacity(chunk.data.len());
         self.stream.push(&chunk.data, &mut clean);
         self.bytes += clean.len() as u64;
         self.log.append(chunk.stream, &clean)?;
         self.last = Some(Instant::now());
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -1,0 +1,112 @@
+//! What a starting agentlabd does with what an earlier one, killed, left behind. A
+//! job whose sandbox still runs is taken back: its agent re-dials and sends what was
+//! not stored yet (see `runner::resume`). Everything else in flight is failed with the
+//! reason, and every VM no job needs is destroyed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::admission::Need;
+use crate::api::{JobView, SandboxView};
+use crate::backend::Sandbox;
+use crate::config::DEFAULT_PROFILE;
+use crate::daemon::{Daemon, DaemonError};
+use crate::joblog::JobLog;
+use crate::runner::{self, QueuedJob};
+use crate::state::{JobState, SandboxState};
+use crate::store::JobEnd;
+
+impl Daemon {
+    /// Takes back, fails or cleans up whatever the previous daemon left.
+    pub(crate) fn recover(self: &Arc<Self>) -> Result<(), DaemonError> {
+        let (jobs, sandboxes) = self.store.unfinished()?;
+        let mut resumed = HashSet::new();
+        for job_id in &jobs {
+            let job = self.store.job(job_id)?;
+            let sandbox = self.store.sandbox(&job.sandbox_id)?;
+            let in_session =
+                job.state == JobState::Running || matches!(sandbox.state, SandboxState::Ready | SandboxState::Running);
+            let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
+                (true, Some(vm)) => match self.take_back(&job, &sandbox, vm) {
+                    Ok(()) => {
+                        resumed.insert(sandbox.id.clone());
+                        continue;
+                    }
+                    Err(reason) => reason,
+                },
+                (true, None) => {
+                    "agentlabd stopped while this job was in flight and its sandbox did not survive".to_owned()
+                }
+                (false, _) if job.state == JobState::Queued && sandbox.state == SandboxState::Requested => {
+                    "agentlabd stopped before this job started; submit it again".to_owned()
+                }
+                (false, _) => format!(
+                    "agentlabd stopped while sandbox {} was being prepared ({}); submit the job again",
+                    sandbox.id, sandbox.state
+                ),
+            };
+            let end = JobEnd { error: Some(reason.clone()), ..JobEnd::default() };
+            self.store.transition_job(job_id, JobState::Failed, Some(&end), Some(&reason))?;
+        }
+        for id in sandboxes.iter().filter(|id| !resumed.contains(*id)) {
+            let view = self.store.sandbox(id)?;
+            if view.state.can_become(SandboxState::Failed) {
+                let reason = "agentlabd stopped while this sandbox was in use";
+                self.store.transition_sandbox(id, SandboxState::Failed, Some(reason))?;
+            }
+            self.store.transition_sandbox(id, SandboxState::Destroyed, Some("cleaned up at start"))?;
+            self.backend.discard(id);
+        }
+        // Leftovers no record speaks for (a crash between creating a VM and recording it).
+        if let Ok(entries) = std::fs::read_dir(&self.config.qemu.run_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !resumed.contains(&name) {
+                    self.backend.discard(&name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts carrying on with `job` in its running sandbox.
+    fn take_back(self: &Arc<Self>, job: &JobView, sandbox: &SandboxView, vm: Box<dyn Sandbox>) -> Result<(), String> {
+        let profile_name = job.profile.as_deref().unwrap_or(DEFAULT_PROFILE);
+        let Some(profile) = self.profiles.get(profile_name).cloned() else {
+            return Err(format!(
+                "agentlabd restarted and the job's profile {profile_name} is gone, so it cannot go on"
+            ));
+        };
+        let log_path = self.config.job_dir(&job.id).join("output.log");
+        let (log, stored_through) = JobLog::reopen(&log_path, self.config.max_log_bytes)
+            .map_err(|e| format!("agentlabd restarted and cannot reopen {}: {e}", log_path.display()))?;
+        let log = Arc::new(log);
+        let (cancelled, phase) = self.register_live(&job.id, log.clone());
+        let (cores, memory_mb) = self.backend.granted(profile.resources.cores, profile.resources.memory_mb);
+        let admitted = self.admission.take_now(Need {
+            cores,
+            memory_mb: u64::from(memory_mb),
+            profile: profile.name.clone(),
+            profile_max: 0,
+        });
+        let queued = QueuedJob {
+            job_id: job.id.clone(),
+            profile,
+            sandbox_id: sandbox.id.clone(),
+            command: job.command.clone(),
+            timeout_ms: job.timeout_ms,
+            upload: None,
+            log,
+            cancelled,
+            keepalive: sandbox.keepalive,
+            phase,
+        };
+        let msg = format!(
+            "agentlabd restarted; waiting for the agent to dial back in (output stored through chunk {})",
+            stored_through.map_or_else(|| "none".to_owned(), |s| s.to_string())
+        );
+        let _ = self.store.record_event(Some(&job.id), Some(&sandbox.id), "job.resuming", &msg);
+        tokio::spawn(runner::resume(self.clone(), queued, vm, stored_through, admitted));
+        Ok(())
+    }
+}
