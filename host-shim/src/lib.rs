@@ -1,5 +1,6 @@
 //! agentlabd, the host shim, and the library behind `agentlab`, its CLI.
 
+pub mod agent_listener;
 pub mod api;
 pub mod backend;
 pub mod channel;
@@ -13,3 +14,4 @@ mod runner;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod vsock_hub;

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentlab_protocol::transport::hybrid;
-use agentlab_protocol::{AGENT_VSOCK_PORT, Enforcement, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
-use tokio::net::UnixStream;
+use agentlab_protocol::{Enforcement, Hello, HelloAck, JobOutcome, JobResult, JobSpec, OutputChunk};
 
-use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
+use crate::agent_listener::{AgentListener, BoxedStream};
+use crate::backend::{ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
 use crate::joblog::JobLog;
@@ -103,6 +102,10 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
         let resources = &job.profile.resources;
         let req = ProvisionRequest {
             sandbox_id: sb.to_owned(),
+            job_id: job.job_id.clone(),
+            template_vmid: job.profile.template_vmid,
+            bridge: (job.profile.network.mode != crate::profile::NetworkMode::Off)
+                .then(|| job.profile.network.bridge.clone()),
             console_log,
             cores: resources.cores,
             memory_mb: resources.memory_mb,
@@ -144,17 +147,8 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
 async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
-    let uds = match vm.channel() {
-        ChannelEndpoint::Hybrid { uds } => uds,
-        ChannelEndpoint::Vsock { cid } => {
-            return Finish::failed(
-                SandboxState::Failed,
-                format!("sandbox {sb} wants AF_VSOCK CID {cid}, which this agentlabd build does not listen on yet"),
-            );
-        }
-    };
     // Listen before the VM starts: the agent dials as soon as its kernel is up.
-    let listener = match hybrid::listen(&uds, AGENT_VSOCK_PORT) {
+    let mut listener = match AgentListener::listen(&vm.channel()) {
         Ok(l) => l,
         Err(e) => {
             return Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}"));
@@ -166,16 +160,17 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     }
 
     let boot_timeout = daemon.config.boot_timeout;
-    let stream: UnixStream = tokio::select! {
+    let stream: BoxedStream = tokio::select! {
         biased;
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => stream,
+            Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Finish::failed(SandboxState::Failed, format!("accepting sandbox {sb}'s agent: {e}")),
             Err(_) => return Finish::failed(
                 SandboxState::Timeout,
                 format!(
-                    "sandbox {sb}: the guest agent did not dial in within {} s; the guest kernel or agent did not come up (see the console below; rebuild the image with `make image` if the agent is missing)\n{}",
+                    "sandbox {sb}: the guest agent did not dial in within {} s; {}\n{}",
                     boot_timeout.as_secs(),
+                    vm.dial_in_hint(),
                     vm.diagnostics()
                 ),
             ),
@@ -186,8 +181,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
         ),
     };
     // Exactly one agent session per sandbox: stop listening before talking.
-    drop(listener);
-    let _ = std::fs::remove_file(hybrid::guest_port_path(&uds, AGENT_VSOCK_PORT));
+    listener.close();
 
     let spec = JobSpec {
         job_id: job.job_id.clone(),

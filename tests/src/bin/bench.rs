@@ -150,6 +150,9 @@ async fn boot_to_first_message(backend: &QemuBackend, shape: &Resources, name: &
     let mut vm = backend
         .provision(&ProvisionRequest {
             sandbox_id: name.to_owned(),
+            job_id: format!("bench-{name}"),
+            template_vmid: 9000,
+            bridge: None,
             console_log: console.clone(),
             cores: shape.cores,
             memory_mb: shape.memory_mb,

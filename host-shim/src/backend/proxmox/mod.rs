@@ -1,0 +1,465 @@
+//! The Proxmox VE backend: a sandbox is a linked clone of the profile's template,
+//! configured, given its vsock device, started, and destroyed with its disks when the
+//! job ends. Every step's error names the operation, the VMID and node, and carries
+//! Proxmox's own text.
+
+pub mod args;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod placement;
+pub mod reconcile;
+pub mod task;
+pub mod tls;
+pub mod upid;
+pub mod vmid;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use self::args::{ArgsSetter, vsock_args};
+use self::client::{Check, Method, Outcome, PveClient};
+use self::config::{ArgsVia, ChannelMode, ProxmoxConfig};
+use self::error::PveError;
+use self::placement::NodeConfig;
+use self::vmid::VmidPool;
+use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
+
+/// The tag every AgentLab VM carries; the reconciler touches nothing without it.
+pub const TAG: &str = "agentlab";
+/// How many VMIDs a clone tries when other clients keep taking them first.
+const MAX_VMID_TRIES: u32 = 8;
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+impl From<PveError> for BackendError {
+    fn from(e: PveError) -> BackendError {
+        BackendError::Proxmox(e.to_string())
+    }
+}
+
+/// The VM's tags: `agentlab;sb-<id>`.
+pub fn tags_for(sandbox_id: &str) -> String {
+    format!("{TAG};{sandbox_id}")
+}
+
+/// The sandbox id in a VM's `tags`, if it is one of ours.
+pub fn sandbox_of(tags: &str) -> Option<String> {
+    let tags: Vec<&str> = tags.split([';', ',', ' ']).filter(|t| !t.is_empty()).collect();
+    if !tags.contains(&TAG) {
+        return None;
+    }
+    tags.iter().find(|t| t.starts_with("sb-")).map(|t| (*t).to_owned())
+}
+
+pub struct ProxmoxBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProxmoxConfig,
+    client: PveClient,
+    args: ArgsSetter,
+    vmids: VmidPool,
+    /// Memory promised to sandboxes being created, per node, until Proxmox shows it.
+    pending_mb: Mutex<HashMap<String, u64>>,
+}
+
+impl ProxmoxBackend {
+    pub fn new(config: ProxmoxConfig) -> Result<ProxmoxBackend, PveError> {
+        config.validate()?;
+        let client = PveClient::new(&config.connection()?)?;
+        let password = match config.args_via {
+            ArgsVia::Ticket => Some(config.root_password()?),
+            ArgsVia::Qm => None,
+        };
+        let args = ArgsSetter::new(config.args_via.clone(), config.qm_command.clone(), password);
+        let [first, last] = config.vmid_range;
+        let inner = Inner { client, args, vmids: VmidPool::new(first..=last), pending_mb: Mutex::default(), config };
+        Ok(ProxmoxBackend { inner: Arc::new(inner) })
+    }
+
+    /// The API client (for the reconciler and for counting requests).
+    pub fn client(&self) -> &PveClient {
+        &self.inner.client
+    }
+
+    pub fn config(&self) -> &ProxmoxConfig {
+        &self.inner.config
+    }
+}
+
+/// Whether the `vhost_vsock` module this node needs for the vsock channel is loaded.
+/// Reads sysfs only: nothing here opens a vsock socket.
+pub fn vhost_vsock_check() -> Result<(), String> {
+    if std::path::Path::new("/sys/module/vhost_vsock").exists() || std::path::Path::new("/dev/vhost-vsock").exists() {
+        Ok(())
+    } else {
+        Err("the vhost_vsock kernel module is not loaded, so guests get no vsock device and no agent can dial in: run `modprobe vhost_vsock` and add `vhost_vsock` to /etc/modules-load.d/agentlab.conf".into())
+    }
+}
+
+#[async_trait]
+impl Backend for ProxmoxBackend {
+    fn name(&self) -> &'static str {
+        "proxmox"
+    }
+
+    async fn preflight(&self) -> Result<(), BackendError> {
+        if self.inner.config.channel == ChannelMode::Vsock {
+            vhost_vsock_check().map_err(BackendError::Proxmox)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, req: &ProvisionRequest) -> Result<Box<dyn Sandbox>, BackendError> {
+        let inner = self.inner.clone();
+        let sandbox = inner.create(req).await?;
+        Ok(Box::new(sandbox))
+    }
+}
+
+impl Inner {
+    fn task_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.task_timeout_secs)
+    }
+
+    fn add_pending(&self, node: &str, mb: i64) {
+        let mut pending = self.pending_mb.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = pending.entry(node.to_owned()).or_insert(0);
+        *entry = entry.saturating_add_signed(mb);
+    }
+
+    /// Places, clones, waits, configures. On any failure after the clone, the VM is
+    /// destroyed before the error is returned.
+    async fn create(self: Arc<Self>, req: &ProvisionRequest) -> Result<ProxmoxSandbox, BackendError> {
+        let resources = self.client.call("listing cluster resources", Method::Get, "/cluster/resources", &[]).await?;
+        let loads = placement::node_loads(&resources);
+        let node = {
+            let pending = self.pending_mb.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            placement::choose(&self.config.nodes, &loads, &pending, req.memory_mb)
+                .map_err(|e| BackendError::Proxmox(format!("placing sandbox {}: {e}", req.sandbox_id)))?
+                .clone()
+        };
+        let in_use: HashSet<u32> = vm_entries(&resources).filter_map(|v| v.get("vmid").and_then(Value::as_u64)).filter_map(|v| u32::try_from(v).ok()).collect();
+        self.add_pending(&node.name, i64::from(req.memory_mb));
+        let cloned = self.clone_vm(&node, req, &in_use).await;
+        let vmid = match cloned {
+            Ok(vmid) => vmid,
+            Err(e) => {
+                self.add_pending(&node.name, -i64::from(req.memory_mb));
+                return Err(e.into());
+            }
+        };
+        let mut sandbox = ProxmoxSandbox {
+            inner: self.clone(),
+            node: node.name.clone(),
+            vmid,
+            memory_mb: req.memory_mb,
+            cores: req.cores,
+            sandbox_id: req.sandbox_id.clone(),
+            hybrid_dir: None,
+            exit: None,
+        };
+        if let Err(e) = self.configure(&node.name, vmid, req).await {
+            let _ = sandbox.teardown().await;
+            return Err(e.into());
+        }
+        if let (ChannelMode::Hybrid, Some(dir)) = (&self.config.channel, &self.config.hybrid_dir) {
+            let dir = dir.join(format!("vm-{vmid}"));
+            if let Err(source) = std::fs::create_dir_all(&dir) {
+                let _ = sandbox.teardown().await;
+                return Err(BackendError::Io { context: format!("creating {}", dir.display()), source });
+            }
+            sandbox.hybrid_dir = Some(dir);
+        }
+        Ok(sandbox)
+    }
+
+    /// Linked clone of the node's template into a fresh VMID from the pool; an id
+    /// someone else took first moves on to the next.
+    async fn clone_vm(&self, node: &NodeConfig, req: &ProvisionRequest, in_use: &HashSet<u32>) -> Result<u32, PveError> {
+        let template = node.template_for(req.template_vmid);
+        let mut skipped = Vec::new();
+        for _ in 0..MAX_VMID_TRIES {
+            let vmid = self.vmids.reserve(in_use).ok_or_else(|| {
+                let [a, b] = self.config.vmid_range;
+                PveError::Config(format!("every VMID in vmid_range [{a}, {b}] is in use: widen it"))
+            })?;
+            let op = format!("cloning template {template} on node {} to VM {vmid}", node.name);
+            let name = req.sandbox_id.clone();
+            let params = [("newid", vmid.to_string()), ("full", "0".to_owned()), ("name", name.clone())];
+            let path = format!("/nodes/{}/qemu/{template}/clone", node.name);
+            // The clone carries our name: a VM with this id and name is our clone.
+            let ours = |cfg: Option<&Value>| cfg.and_then(|c| c.get("name")).and_then(Value::as_str) == Some(name.as_str());
+            let check = Check { path: format!("/nodes/{}/qemu/{vmid}/config", node.name), applied: &ours };
+            match self.client.call_once(&op, Method::Post, &path, &params, check).await {
+                Ok(Outcome::Answered(data)) => {
+                    let upid = task::upid_of(&op, &data)?;
+                    if let Err(e) = task::wait(&self.client, &op, &upid, self.task_timeout()).await {
+                        self.abandon(&node.name, vmid).await;
+                        return Err(e);
+                    }
+                }
+                Ok(Outcome::AlreadyApplied) => {}
+                Err(e) if e.api().is_some_and(error::ApiError::is_vmid_taken) => {
+                    tracing::info!("{op}: VMID {vmid} was taken by another client; trying the next");
+                    skipped.push(vmid);
+                    continue;
+                }
+                Err(e) => {
+                    self.vmids.release(vmid);
+                    return Err(e);
+                }
+            }
+            for id in skipped {
+                self.vmids.release(id);
+            }
+            let op = format!("waiting for VM {vmid}'s clone lock on node {}", node.name);
+            if let Err(e) = self.wait_unlocked(&op, &node.name, vmid).await {
+                self.abandon(&node.name, vmid).await;
+                return Err(e);
+            }
+            return Ok(vmid);
+        }
+        for id in &skipped {
+            self.vmids.release(*id);
+        }
+        Err(PveError::Other {
+            op: format!("cloning template {template} on node {}", node.name),
+            detail: format!("VMIDs {skipped:?} were all taken by other clients first (config file already exists)"),
+        })
+    }
+
+    /// A failed clone may have left a VM: remove it, then free the id.
+    async fn abandon(&self, node: &str, vmid: u32) {
+        if let Err(e) = destroy_vm(self, node, vmid).await {
+            tracing::error!("removing the failed clone VM {vmid} on {node}: {e}");
+        }
+        self.vmids.release(vmid);
+    }
+
+    /// Waits until the VM's config carries no `lock` (a clone holds one until done).
+    async fn wait_unlocked(&self, op: &str, node: &str, vmid: u32) -> Result<(), PveError> {
+        let path = format!("/nodes/{node}/qemu/{vmid}/status/current");
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let status = self.client.call(op, Method::Get, &path, &[]).await?;
+            let Some(lock) = status.get("lock").and_then(Value::as_str) else { return Ok(()) };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PveError::Other { op: op.to_owned(), detail: format!("still locked ({lock}) after {} s", LOCK_WAIT.as_secs()) });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Name, resources, network, tags, description, and the vsock device.
+    async fn configure(&self, node: &str, vmid: u32, req: &ProvisionRequest) -> Result<(), PveError> {
+        let mut params: Vec<(&str, String)> = vec![
+            ("name", req.sandbox_id.clone()),
+            ("cores", req.cores.to_string()),
+            ("memory", req.memory_mb.to_string()),
+            ("tags", tags_for(&req.sandbox_id)),
+            ("description", format!("AgentLab sandbox {} for job {} (agentlab job show {})", req.sandbox_id, req.job_id, req.job_id)),
+        ];
+        match &req.bridge {
+            Some(bridge) => params.push(("net0", format!("virtio,bridge={bridge}"))),
+            None => params.push(("delete", "net0".to_owned())),
+        }
+        let path = format!("/nodes/{node}/qemu/{vmid}/config");
+        let args = ("args", vsock_args(vmid));
+        match self.args.via() {
+            ArgsVia::Ticket => {
+                // One update as root@pam carries everything, args included.
+                params.push(args);
+                let op = format!("configuring VM {vmid} on node {node} (as root@pam, for args)");
+                self.args.set_config_as_root(&self.client, &op, node, vmid, &params).await
+            }
+            ArgsVia::Qm => {
+                let op = format!("configuring VM {vmid} on node {node}");
+                self.client.call(&op, Method::Put, &path, &params).await?;
+                let op = format!("setting VM {vmid}'s vsock device on node {node} with qm");
+                self.args.set_config_as_root(&self.client, &op, node, vmid, &[args]).await
+            }
+        }
+    }
+}
+
+fn vm_entries(resources: &Value) -> impl Iterator<Item = &Value> {
+    resources.as_array().into_iter().flatten().filter(|r| r.get("type").and_then(Value::as_str) == Some("qemu"))
+}
+
+/// Stops (gracefully, then hard) and deletes a VM with its disks. A VM that is
+/// already gone counts as done.
+async fn destroy_vm(inner: &Inner, node: &str, vmid: u32) -> Result<(), PveError> {
+    let client = &inner.client;
+    let op = format!("stopping VM {vmid} on node {node}");
+    let path = format!("/nodes/{node}/qemu/{vmid}/status/shutdown");
+    let params = [("timeout", inner.config.shutdown_timeout_secs.to_string()), ("forceStop", "1".to_owned())];
+    let status_path = format!("/nodes/{node}/qemu/{vmid}/status/current");
+    let stopped = |s: Option<&Value>| status_of(s) != Some("running");
+    let check = Check { path: status_path.clone(), applied: &stopped };
+    match client.call_once(&op, Method::Post, &path, &params, check).await {
+        Ok(Outcome::Answered(data)) => {
+            let upid = task::upid_of(&op, &data)?;
+            task::wait(client, &op, &upid, inner.task_timeout()).await?;
+        }
+        Ok(Outcome::AlreadyApplied) => {}
+        Err(e) if e.is_missing_vm() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let op = format!("destroying VM {vmid} on node {node}");
+    let path = format!("/nodes/{node}/qemu/{vmid}");
+    let params = [("purge", "1".to_owned()), ("destroy-unreferenced-disks", "1".to_owned())];
+    let gone = |s: Option<&Value>| s.is_none();
+    match client.call_once(&op, Method::Delete, &path, &params, Check { path: status_path, applied: &gone }).await {
+        Ok(Outcome::Answered(data)) => {
+            let upid = task::upid_of(&op, &data)?;
+            task::wait(client, &op, &upid, inner.task_timeout()).await.map(|_| ())
+        }
+        Ok(Outcome::AlreadyApplied) => Ok(()),
+        Err(e) if e.is_missing_vm() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn status_of(current: Option<&Value>) -> Option<&str> {
+    current.and_then(|c| c.get("status")).and_then(Value::as_str)
+}
+
+/// `status/current`'s status (`running`, `stopped`), or None if the VM does not exist.
+async fn vm_status(client: &PveClient, op: &str, node: &str, vmid: u32) -> Result<Option<String>, PveError> {
+    let path = format!("/nodes/{node}/qemu/{vmid}/status/current");
+    match client.call(op, Method::Get, &path, &[]).await {
+        Ok(v) => Ok(Some(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned())),
+        Err(e) if e.is_missing_vm() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub struct ProxmoxSandbox {
+    inner: Arc<Inner>,
+    node: String,
+    vmid: u32,
+    cores: u32,
+    memory_mb: u32,
+    sandbox_id: String,
+    hybrid_dir: Option<PathBuf>,
+    exit: Option<VmExit>,
+}
+
+impl ProxmoxSandbox {
+    async fn teardown(&mut self) -> Result<(), PveError> {
+        let result = destroy_vm(&self.inner, &self.node, self.vmid).await;
+        if result.is_ok() {
+            self.inner.vmids.release(self.vmid);
+        }
+        self.inner.add_pending(&self.node, -i64::from(self.memory_mb));
+        self.memory_mb = 0;
+        if let Some(dir) = self.hybrid_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Sandbox for ProxmoxSandbox {
+    fn channel(&self) -> ChannelEndpoint {
+        match &self.hybrid_dir {
+            Some(dir) => ChannelEndpoint::Hybrid { uds: dir.join("vsock.sock") },
+            None => ChannelEndpoint::Vsock { cid: self.vmid },
+        }
+    }
+
+    async fn boot(&mut self) -> Result<(), BackendError> {
+        let (node, vmid) = (self.node.as_str(), self.vmid);
+        let client = &self.inner.client;
+        let op = format!("starting VM {vmid} on node {node}");
+        let path = format!("/nodes/{node}/qemu/{vmid}/status/start");
+        let running = |s: Option<&Value>| status_of(s) == Some("running");
+        let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &running };
+        match client.call_once(&op, Method::Post, &path, &[], check).await? {
+            Outcome::Answered(data) => {
+                let upid = task::upid_of(&op, &data)?;
+                task::wait(client, &op, &upid, self.inner.task_timeout()).await?;
+            }
+            Outcome::AlreadyApplied => {}
+        }
+        Ok(())
+    }
+
+    async fn exited(&mut self) -> VmExit {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let poll = Duration::from_secs(self.inner.config.status_poll_secs.max(1));
+        let op = format!("checking VM {} on node {}", self.vmid, self.node);
+        loop {
+            tokio::time::sleep(poll).await;
+            let description = match vm_status(&self.inner.client, &op, &self.node, self.vmid).await {
+                Ok(Some(s)) if s == "running" => continue,
+                Ok(Some(s)) => format!("VM {} on node {} is {s}", self.vmid, self.node),
+                Ok(None) => format!("VM {} on node {} no longer exists (deleted outside AgentLab)", self.vmid, self.node),
+                // The API being unreachable says nothing about the VM.
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    continue;
+                }
+            };
+            let exit = VmExit { description };
+            self.exit = Some(exit.clone());
+            return exit;
+        }
+    }
+
+    fn accel(&self) -> Option<String> {
+        None
+    }
+
+    fn shape(&self) -> String {
+        format!("VM {} on node {}, {} vCPU, {} MiB", self.vmid, self.node, self.cores, self.memory_mb)
+    }
+
+    fn diagnostics(&self) -> String {
+        format!("--- proxmox ---\nVM {} on node {} ({}); see its task log and `qm config {}` on the node", self.vmid, self.node, self.sandbox_id, self.vmid)
+    }
+
+    fn dial_in_hint(&self) -> String {
+        let channel = match &self.hybrid_dir {
+            Some(dir) => format!("the hybrid vsock socket {}/vsock.sock_52000", dir.display()),
+            None => format!("vsock CID {} port 52000", self.vmid),
+        };
+        format!(
+            "VM {vmid} on node {node} was started but its agent never connected on {channel}: check that the template runs agentlab-agent at boot (systemctl status agentlab-agent in the guest), that `qm config {vmid}` shows args: {args}, and that vhost_vsock is loaded on {node} (lsmod | grep vhost_vsock)",
+            vmid = self.vmid,
+            node = self.node,
+            args = vsock_args(self.vmid)
+        )
+    }
+
+    async fn destroy(mut self: Box<Self>) -> Result<(), BackendError> {
+        self.teardown().await.map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_and_foreign_vms_are_not_ours() {
+        assert_eq!(tags_for("sb-0123456789ab"), "agentlab;sb-0123456789ab");
+        assert_eq!(sandbox_of("agentlab;sb-0123456789ab"), Some("sb-0123456789ab".into()));
+        assert_eq!(sandbox_of("sb-0123456789ab;agentlab"), Some("sb-0123456789ab".into()));
+        assert_eq!(sandbox_of("sb-0123456789ab"), None, "without the agentlab tag it is not ours");
+        assert_eq!(sandbox_of("agentlab"), None);
+        assert_eq!(sandbox_of("prod;web"), None);
+    }
+}
