@@ -1,0 +1,294 @@
+//! The Proxmox backend against the stand-in, library level: the lifecycle, what the
+//! client sends, TLS pinning, errors, retries, VMIDs, placement and the reconciler.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::path::Path;
+use std::time::Duration;
+
+use agentlab_host::backend::proxmox::ProxmoxBackend;
+use agentlab_host::backend::proxmox::client::{Method, PveClient};
+use agentlab_host::backend::proxmox::config::ProxmoxConfig;
+use agentlab_host::backend::proxmox::tls::TlsConfig;
+use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
+use agentlab_pve_standin::{FaultKind, NodeSpec, Options, StandIn};
+use agentlab_tests::pve::config_for;
+
+fn request(n: u32) -> ProvisionRequest {
+    ProvisionRequest {
+        sandbox_id: format!("sb-{n:012x}"),
+        job_id: format!("job-{n:012x}"),
+        template_vmid: 9000,
+        bridge: Some("vmbr1".into()),
+        console_log: std::path::PathBuf::from("/dev/null"),
+        cores: 2,
+        memory_mb: 2048,
+    }
+}
+
+async fn setup(options: Options, dir: &Path) -> (StandIn, ProxmoxConfig) {
+    let standin = StandIn::start(options.clone()).await.unwrap();
+    let config = config_for(&standin, &options, dir);
+    (standin, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifecycle_clones_configures_starts_and_destroys_within_twelve_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (standin, config) = setup(Options::default(), dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let before = backend.client().requests_sent();
+    let mut vm = backend.provision(&request(1)).await.unwrap();
+    let vms = standin.vms();
+    assert_eq!(vms.len(), 1);
+    let vmid = vms[0].vmid;
+    assert!((100_000..=100_999).contains(&vmid), "{vmid} from the configured range");
+    assert_eq!(vm.channel(), ChannelEndpoint::Hybrid { uds: dir.path().join(format!("vsock/vm-{vmid}/vsock.sock")) });
+    let cfg = standin.shared.lock().vms[&vmid].config.clone();
+    assert_eq!(cfg["name"], "sb-000000000001");
+    assert_eq!(cfg["cores"], "2");
+    assert_eq!(cfg["memory"], "2048");
+    assert_eq!(cfg["net0"], "virtio,bridge=vmbr1");
+    assert_eq!(cfg["tags"], "agentlab;sb-000000000001");
+    assert_eq!(cfg["args"], format!("-device vhost-vsock-pci,guest-cid={vmid}"));
+    assert!(cfg["description"].contains("job-000000000001"), "{cfg:?}");
+    assert!(!cfg.contains_key("lock"), "configured only after the clone lock cleared");
+    vm.boot().await.unwrap();
+    assert!(standin.vms()[0].running);
+    vm.destroy().await.unwrap();
+    assert_eq!(standin.vms(), vec![]);
+    let used = backend.client().requests_sent() - before;
+    // One ticket request is made once per daemon, not per lifecycle.
+    assert!(used <= 13, "{used} requests for one lifecycle (12 + the one-off ticket)");
+    assert_eq!(standin.validation_failures(), Vec::<String>::new());
+
+    // The UPIDs: clone's task on the source node with the source vmid, type qmclone,
+    // user the full token id.
+    let recorded = standin.recorded();
+    let clone_status = recorded.iter().find(|r| r.template.ends_with("/status") && r.params["upid"].contains(":qmclone:")).unwrap();
+    assert!(clone_status.params["upid"].ends_with(":qmclone:9000:agentlab@pve!shim:"), "{:?}", clone_status.params);
+    assert_eq!(clone_status.params["node"], "pve1");
+    let delete = recorded.iter().find(|r| r.method == "DELETE").unwrap();
+    assert_eq!((delete.params["purge"].as_str(), delete.params["destroy-unreferenced-disks"].as_str()), ("1", "1"));
+    let clone = recorded.iter().find(|r| r.template.ends_with("/clone")).unwrap();
+    assert_eq!(clone.params["full"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_the_client_sends_validates_against_the_pve8_schema_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { schema_version: 8, ..Options::default() };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    for n in 0..3 {
+        let mut req = request(n);
+        if n == 2 {
+            req.bridge = None; // the `delete=net0` form
+        }
+        let mut vm = backend.provision(&req).await.unwrap();
+        vm.boot().await.unwrap();
+        vm.destroy().await.unwrap();
+    }
+    let mut reconciler = agentlab_host::backend::proxmox::reconcile::Reconciler::new(Duration::from_secs(60));
+    let store = agentlab_host::store::Store::open(&dir.path().join("db")).unwrap();
+    reconciler.pass(&backend, &store).await.unwrap();
+    assert_eq!(standin.validation_failures(), Vec::<String>::new());
+    let recorded = standin.recorded();
+    assert!(recorded.len() >= 30, "{} requests", recorded.len());
+    // And the same requests against the PVE 9 schema.
+    let pve9 = agentlab_pve_standin::schema::Schema::load(9).unwrap();
+    for r in &recorded {
+        pve9.validate(&r.template, &r.method, &r.params).unwrap_or_else(|e| panic!("{} {}: {e:?}", r.method, r.template));
+    }
+    let kinds: std::collections::BTreeSet<String> = recorded.iter().map(|r| format!("{} {}", r.method, r.template)).collect();
+    for expected in [
+        "POST /nodes/{node}/qemu/{vmid}/clone",
+        "PUT /nodes/{node}/qemu/{vmid}/config",
+        "POST /nodes/{node}/qemu/{vmid}/status/start",
+        "POST /nodes/{node}/qemu/{vmid}/status/shutdown",
+        "DELETE /nodes/{node}/qemu/{vmid}",
+        "GET /nodes/{node}/tasks/{upid}/status",
+        "GET /cluster/resources",
+        "POST /access/ticket",
+    ] {
+        assert!(kinds.contains(expected), "{expected} not exercised: {kinds:?}");
+    }
+}
+
+fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<PveClient, String> {
+    let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
+        api_url: standin.url(),
+        token_id: options.token_id.clone(),
+        token_secret: options.token_secret.clone(),
+        tls,
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        retry: Default::default(),
+    };
+    PveClient::new(&conn).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
+    let options = Options::default();
+    let standin = StandIn::start(options.clone()).await.unwrap();
+    let pinned = client_with(&standin, &options, TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() }).unwrap();
+    let v = pinned.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
+    assert_eq!(v["release"], "9.0");
+
+    let wrong = client_with(&standin, &options, TlsConfig { fingerprint: Some("AB".repeat(32)), ..TlsConfig::default() }).unwrap();
+    let e = wrong.call("reading the version", Method::Get, "/version", &[]).await.unwrap_err().to_string();
+    assert!(e.starts_with("reading the version: cannot reach the Proxmox API"), "{e}");
+    assert!(e.contains(&format!("fingerprint is {}, not the pinned one", standin.fingerprint)), "{e}");
+
+    // The stand-in's self-signed certificate is not a CA anyone trusts.
+    let ca_dir = tempfile::tempdir().unwrap();
+    let other_ca = rcgen_free_ca(ca_dir.path());
+    let ca = client_with(&standin, &options, TlsConfig { ca_file: Some(other_ca), ..TlsConfig::default() }).unwrap();
+    assert!(ca.call("reading the version", Method::Get, "/version", &[]).await.is_err());
+
+    let insecure = client_with(&standin, &options, TlsConfig { insecure: true, ..TlsConfig::default() }).unwrap();
+    insecure.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
+}
+
+/// A PEM CA certificate that did not sign the stand-in's certificate.
+fn rcgen_free_ca(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("ca.pem");
+    let ca = rcgen::generate_simple_self_signed(vec!["unrelated-ca".into()]).unwrap();
+    std::fs::write(&path, ca.cert.pem()).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_operation_the_vmid_and_proxmoxs_own_words() {
+    let options = Options::default();
+    let standin = StandIn::start(options.clone()).await.unwrap();
+    let client = client_with(&standin, &options, TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() }).unwrap();
+    // A token may not set args, even though the call is otherwise fine.
+    standin.plant_vm(123, "pve1", "plain", None);
+    let e = client
+        .call("setting VM 123's vsock device", Method::Put, "/nodes/pve1/qemu/123/config", &[("args", "-device vhost-vsock-pci,guest-cid=123".into())])
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "setting VM 123's vsock device: Proxmox refused: HTTP 500 only root can set 'args' config");
+    // A missing VM: 500 with the config path, no 404.
+    let e = client.call("reading VM 124's status", Method::Get, "/nodes/pve1/qemu/124/status/current", &[]).await.unwrap_err();
+    assert!(e.is_missing_vm());
+    assert_eq!(
+        e.to_string(),
+        "reading VM 124's status: Proxmox refused: HTTP 500 Configuration file 'nodes/pve1/qemu-server/124.conf' does not exist"
+    );
+    // A parameter the schema does not know: 400 with the errors map.
+    let e = client.call("cloning", Method::Post, "/nodes/pve1/qemu/9000/clone", &[("newid", "99".into()), ("linked", "1".into())]).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cloning: Proxmox refused: HTTP 400 Parameter verification failed.; parameter 'linked': property is not defined in schema and the schema does not allow additional properties; parameter 'newid': value must have a minimum value of 100"
+    );
+    // Linked clones come from templates only.
+    let e = client.call("cloning VM 123", Method::Post, "/nodes/pve1/qemu/123/clone", &[("newid", "200".into()), ("full", "0".into())]).await.unwrap_err();
+    assert!(e.to_string().contains("Linked clone feature is not supported for 'VM 123'"), "{e}");
+    // A running VM is not destroyed.
+    standin.shared.lock().vms.get_mut(&123).unwrap().running = true;
+    let e = client.call("destroying VM 123", Method::Delete, "/nodes/pve1/qemu/123", &[]).await.unwrap_err();
+    assert!(e.to_string().ends_with("HTTP 500 VM 123 is running - destroy failed"), "{e}");
+    // Bad token.
+    let mut bad = options.clone();
+    bad.token_secret = "wrong".into();
+    let bad = client_with(&standin, &bad, TlsConfig { insecure: true, ..TlsConfig::default() }).unwrap();
+    let e = bad.call("listing nodes", Method::Get, "/nodes", &[]).await.unwrap_err();
+    assert_eq!(e.to_string(), "listing nodes: Proxmox refused: HTTP 401 authentication failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_fails_with_its_exit_status_and_log_and_leaves_no_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { fault_rate: 1.0, fault_kinds: vec![FaultKind::FailingTask], ..Options::default() };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    standin.set_fault_rate(1.0);
+    let e = backend.provision(&request(7)).await.err().unwrap().to_string();
+    assert!(e.starts_with("cloning template 9000 on node pve1 to VM 100000: task UPID:pve1:"), "{e}");
+    assert!(e.contains(":qmclone:9000:agentlab@pve!shim: failed: command 'lvcreate' failed: exit code 5 (injected fault 1)"), "{e}");
+    assert!(e.contains("--- task log (last lines) ---\nTASK ERROR: command 'lvcreate' failed"), "{e}");
+    // Proxmox removes a failed clone's VM itself; nothing is left.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(standin.vms(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmid_taken_by_another_client_moves_the_clone_to_the_next_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { fault_rate: 1.0, fault_kinds: vec![FaultKind::VmidRace], ..Options::default() };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    standin.set_fault_rate(1.0);
+    // Every clone finds its id taken: the backend tries the next ids, then says so.
+    let e = backend.provision(&request(8)).await.err().unwrap().to_string();
+    assert!(e.contains("were all taken by other clients first (config file already exists)"), "{e}");
+    assert!(e.contains("[100000, 100001, 100002, 100003, 100004, 100005, 100006, 100007]"), "{e}");
+    // Only the first attempt races: the clone lands on the next id.
+    standin.set_fault_rate(0.0);
+    standin.plant_vm(100_008, "pve1", "other-client-100008", None);
+    let mut vm = backend.provision(&request(9)).await.unwrap();
+    let ours: Vec<u32> = standin.vms().iter().filter(|v| v.tags.is_some()).map(|v| v.vmid).collect();
+    assert_eq!(ours, vec![100_009], "100008 was taken and is skipped");
+    vm.boot().await.unwrap();
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeouts_proxy_errors_and_lost_answers_are_retried_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        fault_rate: 0.3,
+        fault_kinds: vec![FaultKind::LockTimeout, FaultKind::VmLocked, FaultKind::Proxy595, FaultKind::Proxy596, FaultKind::DropConnection],
+        lock_wait_scale: 0.01,
+        fault_seed: 7,
+        ..Options::default()
+    };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    for n in 0..10 {
+        let mut vm = backend.provision(&request(n)).await.unwrap();
+        vm.boot().await.unwrap();
+        vm.destroy().await.unwrap();
+    }
+    assert_eq!(standin.vms(), vec![]);
+    let injected = standin.injected();
+    for kind in [FaultKind::LockTimeout, FaultKind::Proxy595, FaultKind::Proxy596, FaultKind::DropConnection] {
+        assert!(injected.iter().any(|(k, _)| *k == kind), "{kind:?} never injected: {injected:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_spreads_by_free_memory_and_uses_each_nodes_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        nodes: vec![NodeSpec::new("pve1"), NodeSpec::new("pve2"), NodeSpec::new("pve3")],
+        templates: vec![(9000, "pve1".into()), (9001, "pve2".into()), (9002, "pve3".into())],
+        ..Options::default()
+    };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    standin.set_node_load("pve1", 60 << 30, 0.2);
+    standin.set_node_load("pve2", 10 << 30, 0.2);
+    standin.set_node_load("pve3", 30 << 30, 0.2);
+    let a = backend.provision(&request(1)).await.unwrap();
+    assert!(a.shape().contains("on node pve2"), "{}", a.shape());
+    // pve2 is now 2 GiB fuller in the shim's books; load pve3 less than pve2.
+    standin.set_node_load("pve3", 5 << 30, 0.2);
+    let b = backend.provision(&request(2)).await.unwrap();
+    assert!(b.shape().contains("on node pve3"), "{}", b.shape());
+    // Each clone came from its node's own template.
+    let clones: Vec<(String, String)> =
+        standin.recorded().into_iter().filter(|r| r.template.ends_with("/clone")).map(|r| (r.params["node"].clone(), r.params["vmid"].clone())).collect();
+    assert_eq!(clones, vec![("pve2".to_owned(), "9001".to_owned()), ("pve3".to_owned(), "9002".to_owned())]);
+    // A full cluster is explained.
+    for n in ["pve1", "pve2", "pve3"] {
+        standin.set_node_load(n, 64 << 30, 0.9);
+    }
+    let e = backend.provision(&request(3)).await.err().unwrap().to_string();
+    assert!(e.starts_with("placing sandbox sb-000000000003: no node can take a 2048 MiB sandbox (pve1: 0 MiB free"), "{e}");
+    a.destroy().await.unwrap();
+    b.destroy().await.unwrap();
+    assert_eq!(standin.vms(), vec![]);
+}
