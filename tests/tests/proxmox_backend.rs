@@ -292,3 +292,91 @@ async fn placement_spreads_by_free_memory_and_uses_each_nodes_template() {
     b.destroy().await.unwrap();
     assert_eq!(standin.vms(), vec![]);
 }
+
+/// A job and its sandbox in the store, the sandbox driven to `to`.
+fn record_sandbox(store: &agentlab_host::store::Store, n: u32, path: &[agentlab_host::state::SandboxState]) -> String {
+    let (job, sb) = (format!("job-{n:012x}"), format!("sb-{n:012x}"));
+    store
+        .create_job(&agentlab_host::store::NewJob {
+            job_id: &job,
+            sandbox_id: &sb,
+            backend: "proxmox",
+            command: "true",
+            repo: None,
+            timeout_ms: 1000,
+            profile: "yolo-ephemeral",
+        })
+        .unwrap();
+    for state in path {
+        store.transition_sandbox(&sb, *state, None).unwrap();
+    }
+    sb
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_marks_vanished_vms_destroys_tagged_orphans_and_leaves_untagged_vms_alone() {
+    use agentlab_host::state::{JobState, SandboxState::*};
+    use agentlab_host::store::JobEnd;
+    let dir = tempfile::tempdir().unwrap();
+    let (standin, config) = setup(Options::default(), dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let store = agentlab_host::store::Store::open(&dir.path().join("agentlab.db")).unwrap();
+
+    // 1. A running sandbox whose VM someone deletes behind the shim's back.
+    let vanishing = record_sandbox(&store, 1, &[Provisioning, Booting, Ready, Running]);
+    let mut vm1 = backend.provision(&request(1)).await.unwrap();
+    vm1.boot().await.unwrap();
+    let vmid1 = standin.vms()[0].vmid;
+    // 2. A running sandbox whose VM is fine.
+    let live = record_sandbox(&store, 2, &[Provisioning, Booting, Ready, Running]);
+    let mut vm2 = backend.provision(&request(2)).await.unwrap();
+    vm2.boot().await.unwrap();
+    // 3. A finished job whose teardown failed: its VM is an orphan now.
+    let finished = record_sandbox(&store, 3, &[Provisioning, Booting, Ready, Running, Completed]);
+    store.transition_job("job-000000000003", JobState::Running, None, None).unwrap();
+    store.transition_job("job-000000000003", JobState::Completed, Some(&JobEnd::default()), None).unwrap();
+    let vm3 = backend.provision(&request(3)).await.unwrap();
+    // 4. A tagged VM nobody knows (a previous daemon's), and 5. two VMs that are not ours.
+    standin.plant_vm(100_900, "pve1", "sb-0000000000ff", Some("agentlab;sb-0000000000ff"));
+    standin.plant_vm(777, "pve1", "databases", None);
+    standin.plant_vm(778, "pve1", "web", Some("prod;sb-000000000002"));
+    assert!(standin.delete_behind_back(vmid1));
+
+    let mut reconciler = agentlab_host::backend::proxmox::reconcile::Reconciler::new(Duration::from_secs(1));
+    let first = reconciler.pass(&backend, &store).await.unwrap();
+    assert_eq!(first.vanished, vec![vanishing.clone()]);
+    assert_eq!(first.destroyed, Vec::<u32>::new(), "orphans get their grace period first");
+    let vmid3 = standin.vms().iter().find(|v| v.name.as_deref() == Some(finished.as_str())).unwrap().vmid;
+    let mut waiting = first.waiting.clone();
+    waiting.sort_unstable();
+    assert_eq!(waiting, vec![vmid3, 100_900]);
+    let view = store.sandboxes().unwrap().into_iter().find(|s| s.id == vanishing).unwrap();
+    assert_eq!(view.state, Failed);
+    let job = store.job("job-000000000001").unwrap();
+    let event = job.events.iter().find(|e| e.kind == "sandbox.vm_vanished").unwrap();
+    assert!(event.message.as_deref().unwrap().starts_with("its VM vanished"), "{event:?}");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = reconciler.pass(&backend, &store).await.unwrap();
+    let mut destroyed = second.destroyed.clone();
+    destroyed.sort_unstable();
+    assert_eq!(destroyed, vec![vmid3, 100_900]);
+    let mut left: Vec<(u32, Option<String>)> = standin.vms().into_iter().map(|v| (v.vmid, v.tags)).collect();
+    left.sort_unstable();
+    let live_vmid = left.iter().find(|(_, t)| t.as_deref() == Some(&format!("agentlab;{live}"))).unwrap().0;
+    assert_eq!(
+        left,
+        vec![
+            (777, None),
+            (778, Some("prod;sb-000000000002".to_owned())),
+            (live_vmid, Some(format!("agentlab;{live}"))),
+        ],
+        "untagged and foreign VMs and the live sandbox's VM are untouched"
+    );
+    let view = store.sandboxes().unwrap().into_iter().find(|s| s.id == finished).unwrap();
+    assert_eq!(view.state, Destroyed, "the finished sandbox is settled with its VM");
+    drop(vm3);
+    vm2.destroy().await.unwrap();
+    // The vanished VM's teardown finds nothing to do.
+    vm1.destroy().await.unwrap();
+}

@@ -106,7 +106,13 @@ impl Reconciler {
             tracing::warn!("reconciling: destroying orphan VM {vmid} on {node} (tags {tags}, no live sandbox)");
             match destroy_vm(inner, node, *vmid).await {
                 Ok(()) => {
-                    let _ = store.record_event(None, owner.as_deref(), "vm.orphan_destroyed", &format!("VM {vmid} on node {node}"));
+                    let known = owner.as_deref().and_then(|id| sandboxes.iter().find(|sb| sb.id == id));
+                    let msg = format!("orphan VM {vmid} on node {node} destroyed by the reconciler");
+                    let _ = store.record_event(known.and_then(|sb| sb.job_id.as_deref()), owner.as_deref(), "vm.orphan_destroyed", &msg);
+                    // A sandbox whose teardown failed earlier is now really gone.
+                    if let Some(sb) = known.filter(|sb| sb.state.can_become(SandboxState::Destroyed)) {
+                        let _ = store.transition_sandbox(&sb.id, SandboxState::Destroyed, Some(&msg));
+                    }
                     report.destroyed.push(*vmid);
                 }
                 Err(e) => tracing::error!("reconciling: {e}"),

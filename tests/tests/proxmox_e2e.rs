@@ -1,0 +1,187 @@
+//! End to end with the Proxmox backend: the real CLI and agentlabd (`--backend
+//! proxmox`) against the PVE stand-in. In boot mode the stand-in's `status/start`
+//! boots a real microVM with the real agent; in no-boot mode its guests are instant
+//! fake agents, for the fault soak.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agentlab_host::state::{JobState, SandboxState};
+use agentlab_pve_standin::{FaultKind, GuestMode, NodeSpec, Options, StandIn};
+use agentlab_tests::pve::{config_for, config_yaml};
+use agentlab_tests::{Daemon, describe, image_dir};
+use serde_json::Value;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Starts agentlabd with the proxmox backend configured for `standin`.
+fn daemon_for(standin: &StandIn, options: &Options, dir: &Path) -> Daemon {
+    let config = config_for(standin, options, dir);
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config_yaml(&config)).unwrap();
+    Daemon::start_with(&["--backend", "proxmox", "--config", path.to_str().unwrap()])
+}
+
+#[test]
+fn a_job_submitted_with_the_proxmox_backend_runs_in_a_real_microvm_and_its_vm_is_destroyed() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        guest: GuestMode::Boot { hybrid_dir: dir.path().join("vsock"), image_dir: image_dir() },
+        ..Options::default()
+    };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let d = daemon_for(&standin, &options, dir.path());
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "echo hello-through-proxmox; uname -r; cat /proc/cmdline"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let kernel = std::fs::read_to_string(image_dir().join("kernel-release")).unwrap().trim().to_owned();
+    assert!(text.starts_with(&format!("hello-through-proxmox\n{kernel}\n")), "{text}");
+    assert_ne!(kernel, agentlab_tests::host_kernel());
+
+    let jobs: Value = serde_json::from_slice(&d.cli(&["--json", "job", "list"]).stdout).unwrap();
+    let job = d.job_json(jobs[0]["id"].as_str().unwrap());
+    assert_eq!(job["state"], "COMPLETED");
+    assert_eq!(job["guest_kernel"], kernel.as_str());
+    let provisioned = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.provisioned").unwrap();
+    assert!(provisioned["message"].as_str().unwrap().contains("VM 100000 on node pve1"), "{provisioned}");
+    let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
+    assert_eq!(sandboxes[0]["state"], "DESTROYED");
+    assert_eq!(sandboxes[0]["backend"], "proxmox");
+    // The VM is gone from Proxmox, and with it its microVM and devices.
+    assert_eq!(standin.vms(), vec![]);
+    assert_eq!(standin.validation_failures(), Vec::<String>::new());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::read_dir(dir.path().join("vsock")).unwrap().flatten().any(|e| e.path().is_dir()) {
+        assert!(Instant::now() < deadline, "the VM's hybrid vsock directory was not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What went over the API: the lifecycle, in order.
+    let calls: Vec<String> = standin
+        .recorded()
+        .into_iter()
+        .filter(|r| !r.template.contains("/tasks/") && !r.template.ends_with("/status/current"))
+        // The reconciler's passes.
+        .filter(|r| r.params.get("type").is_none_or(|t| t != "vm"))
+        .map(|r| format!("{} {}", r.method, r.template))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "GET /cluster/resources",
+            "POST /nodes/{node}/qemu/{vmid}/clone",
+            "POST /access/ticket",
+            "PUT /nodes/{node}/qemu/{vmid}/config",
+            "POST /nodes/{node}/qemu/{vmid}/status/start",
+            "POST /nodes/{node}/qemu/{vmid}/status/shutdown",
+            "DELETE /nodes/{node}/qemu/{vmid}",
+        ]
+    );
+}
+
+#[test]
+fn an_agent_that_never_dials_in_is_explained_for_proxmox() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    // Guests that start but run nothing: no agent will dial in.
+    let options = Options { guest: GuestMode::None, ..Options::default() };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let config = config_for(&standin, &options, dir.path());
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, config_yaml(&config)).unwrap();
+    let d = Daemon::start_with(&["--backend", "proxmox", "--config", path.to_str().unwrap(), "--boot-timeout", "2s"]);
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the guest agent did not dial in within 2 s; VM 100000 on node pve1 was started but its agent never connected on the hybrid vsock socket"), "{err}");
+    assert!(err.contains("that `qm config 100000` shows args: -device vhost-vsock-pci,guest-cid=100000"), "{err}");
+    assert_eq!(standin.vms(), vec![]);
+}
+
+#[test]
+fn a_missing_proxmox_section_and_a_bad_config_are_named_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, "{}\n").unwrap();
+    let out = std::process::Command::new(agentlab_tests::bin("agentlabd"))
+        .args(["--state-dir", dir.path().to_str().unwrap(), "--backend", "proxmox", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("--backend proxmox needs a `proxmox:` section in {}", path.display())), "{err}");
+    std::fs::write(&path, "proxmox:\n  api_url: https://pve1:8006\n  token_id: a@pve!t\n  nodes: [{name: pve1}]\n  vmid_range: [100, 50]\n  tls: {insecure: true}\n").unwrap();
+    let out = std::process::Command::new(agentlab_tests::bin("agentlabd"))
+        .args(["--state-dir", dir.path().to_str().unwrap(), "--backend", "proxmox", "--config", path.to_str().unwrap()])
+        .env("AGENTLAB_PVE_TOKEN_SECRET", "x")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmid_range [100, 50] must be within 100..=999999999, first <= last"), "{err}");
+}
+
+/// 200 lifecycles with about 10% of requests meeting a fault of every kind.
+#[test]
+fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fault() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") },
+        fault_rate: 0.1,
+        fault_kinds: FaultKind::ALL.to_vec(),
+        fault_seed: 2026,
+        lock_wait_scale: 0.05,
+        task_duration: Duration::from_millis(10),
+        // Room for 200 sandboxes of 4 GiB at once.
+        nodes: vec![NodeSpec { maxmem: 4 << 40, ..NodeSpec::new("pve1") }],
+        ..Options::default()
+    };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let d = daemon_for(&standin, &options, dir.path());
+    const JOBS: usize = 200;
+    for i in 0..JOBS {
+        let out = d.cli(&["--json", "job", "submit", "--cmd", &format!("echo soak-{i}")]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let store = agentlab_host::store::Store::open(&d.state.path().join("agentlab.db")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let jobs = loop {
+        let jobs = store.jobs(10_000).unwrap();
+        assert_eq!(jobs.len(), JOBS);
+        if jobs.iter().all(|j| j.state.is_terminal()) {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "jobs still running: {:?}", jobs.iter().filter(|j| !j.state.is_terminal()).map(|j| (&j.id, j.state)).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Teardowns that met a permanent fault are finished by the reconciler (grace 2 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = standin.vms();
+        let unsettled: Vec<_> = store.sandboxes().unwrap().into_iter().filter(|s| s.state != SandboxState::Destroyed).map(|s| (s.id, s.state)).collect();
+        if left.is_empty() && unsettled.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: VMs {left:?}, sandboxes {unsettled:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let injected = standin.injected();
+    let failed: Vec<_> = jobs.iter().filter(|j| j.state != JobState::Completed).collect();
+    for job in &failed {
+        let error = job.error.as_deref().unwrap_or_default();
+        assert!(
+            injected.iter().any(|(_, message)| error.contains(message.as_str())),
+            "job {} failed without an injected Proxmox message: {error}",
+            job.id
+        );
+    }
+    let completed = JOBS - failed.len();
+    let kinds: std::collections::BTreeSet<String> = injected.iter().map(|(k, _)| format!("{k:?}")).collect();
+    eprintln!("soak: {completed} completed, {} failed, {} faults injected ({kinds:?})", failed.len(), injected.len());
+    assert_eq!(kinds.len(), FaultKind::ALL.len(), "every kind of fault was injected: {kinds:?}");
+    assert!(completed >= JOBS / 2, "only {completed} of {JOBS} completed");
+    assert_eq!(standin.validation_failures(), Vec::<String>::new());
+}
