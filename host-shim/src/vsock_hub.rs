@@ -74,7 +74,10 @@ pub fn hub() -> Result<Arc<Dispatcher>, String> {
                 match listener.accept().await {
                     Ok((stream, addr)) => {
                         if !d.dispatch(addr.cid(), Box::new(stream)) {
-                            tracing::warn!("closed a vsock connection from CID {}, which no sandbox waits for", addr.cid());
+                            tracing::warn!(
+                                "closed a vsock connection from CID {}, which no sandbox waits for",
+                                addr.cid()
+                            );
                         }
                     }
                     Err(e) => {

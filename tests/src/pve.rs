@@ -28,7 +28,12 @@ pub fn config_for(standin: &StandIn, options: &Options, dir: &Path) -> ProxmoxCo
             .iter()
             .map(|n| NodeConfig {
                 name: n.name.clone(),
-                templates: options.templates.iter().filter(|(_, node)| *node == n.name).map(|(id, _)| (9000, *id)).collect(),
+                templates: options
+                    .templates
+                    .iter()
+                    .filter(|(_, node)| *node == n.name)
+                    .map(|(id, _)| (9000, *id))
+                    .collect(),
             })
             .collect(),
         vmid_range: [100_000, 100_999],

@@ -64,7 +64,8 @@ async fn a_lifecycle_clones_configures_starts_and_destroys_within_twelve_request
     // The UPIDs: clone's task on the source node with the source vmid, type qmclone,
     // user the full token id.
     let recorded = standin.recorded();
-    let clone_status = recorded.iter().find(|r| r.template.ends_with("/status") && r.params["upid"].contains(":qmclone:")).unwrap();
+    let clone_status =
+        recorded.iter().find(|r| r.template.ends_with("/status") && r.params["upid"].contains(":qmclone:")).unwrap();
     assert!(clone_status.params["upid"].ends_with(":qmclone:9000:agentlab@pve!shim:"), "{:?}", clone_status.params);
     assert_eq!(clone_status.params["node"], "pve1");
     let delete = recorded.iter().find(|r| r.method == "DELETE").unwrap();
@@ -97,9 +98,11 @@ async fn every_request_the_client_sends_validates_against_the_pve8_schema_too() 
     // And the same requests against the PVE 9 schema.
     let pve9 = agentlab_pve_standin::schema::Schema::load(9).unwrap();
     for r in &recorded {
-        pve9.validate(&r.template, &r.method, &r.params).unwrap_or_else(|e| panic!("{} {}: {e:?}", r.method, r.template));
+        pve9.validate(&r.template, &r.method, &r.params)
+            .unwrap_or_else(|e| panic!("{} {}: {e:?}", r.method, r.template));
     }
-    let kinds: std::collections::BTreeSet<String> = recorded.iter().map(|r| format!("{} {}", r.method, r.template)).collect();
+    let kinds: std::collections::BTreeSet<String> =
+        recorded.iter().map(|r| format!("{} {}", r.method, r.template)).collect();
     for expected in [
         "POST /nodes/{node}/qemu/{vmid}/clone",
         "PUT /nodes/{node}/qemu/{vmid}/config",
@@ -131,11 +134,18 @@ fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<P
 async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     let options = Options::default();
     let standin = StandIn::start(options.clone()).await.unwrap();
-    let pinned = client_with(&standin, &options, TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() }).unwrap();
+    let pinned = client_with(
+        &standin,
+        &options,
+        TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
+    )
+    .unwrap();
     let v = pinned.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
     assert_eq!(v["release"], "9.0");
 
-    let wrong = client_with(&standin, &options, TlsConfig { fingerprint: Some("AB".repeat(32)), ..TlsConfig::default() }).unwrap();
+    let wrong =
+        client_with(&standin, &options, TlsConfig { fingerprint: Some("AB".repeat(32)), ..TlsConfig::default() })
+            .unwrap();
     let e = wrong.call("reading the version", Method::Get, "/version", &[]).await.unwrap_err().to_string();
     assert!(e.starts_with("reading the version: cannot reach the Proxmox API"), "{e}");
     assert!(e.contains(&format!("fingerprint is {}, not the pinned one", standin.fingerprint)), "{e}");
@@ -162,29 +172,56 @@ fn rcgen_free_ca(dir: &Path) -> std::path::PathBuf {
 async fn errors_name_the_operation_the_vmid_and_proxmoxs_own_words() {
     let options = Options::default();
     let standin = StandIn::start(options.clone()).await.unwrap();
-    let client = client_with(&standin, &options, TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() }).unwrap();
+    let client = client_with(
+        &standin,
+        &options,
+        TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
+    )
+    .unwrap();
     // A token may not set args, even though the call is otherwise fine.
     standin.plant_vm(123, "pve1", "plain", None);
     let e = client
-        .call("setting VM 123's vsock device", Method::Put, "/nodes/pve1/qemu/123/config", &[("args", "-device vhost-vsock-pci,guest-cid=123".into())])
+        .call(
+            "setting VM 123's vsock device",
+            Method::Put,
+            "/nodes/pve1/qemu/123/config",
+            &[("args", "-device vhost-vsock-pci,guest-cid=123".into())],
+        )
         .await
         .unwrap_err();
-    assert_eq!(e.to_string(), "setting VM 123's vsock device: Proxmox refused: HTTP 500 only root can set 'args' config");
+    assert_eq!(
+        e.to_string(),
+        "setting VM 123's vsock device: Proxmox refused: HTTP 500 only root can set 'args' config"
+    );
     // A missing VM: 500 with the config path, no 404.
-    let e = client.call("reading VM 124's status", Method::Get, "/nodes/pve1/qemu/124/status/current", &[]).await.unwrap_err();
+    let e = client
+        .call("reading VM 124's status", Method::Get, "/nodes/pve1/qemu/124/status/current", &[])
+        .await
+        .unwrap_err();
     assert!(e.is_missing_vm());
     assert_eq!(
         e.to_string(),
         "reading VM 124's status: Proxmox refused: HTTP 500 Configuration file 'nodes/pve1/qemu-server/124.conf' does not exist"
     );
     // A parameter the schema does not know: 400 with the errors map.
-    let e = client.call("cloning", Method::Post, "/nodes/pve1/qemu/9000/clone", &[("newid", "99".into()), ("linked", "1".into())]).await.unwrap_err();
+    let e = client
+        .call("cloning", Method::Post, "/nodes/pve1/qemu/9000/clone", &[("newid", "99".into()), ("linked", "1".into())])
+        .await
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "cloning: Proxmox refused: HTTP 400 Parameter verification failed.; parameter 'linked': property is not defined in schema and the schema does not allow additional properties; parameter 'newid': value must have a minimum value of 100"
     );
     // Linked clones come from templates only.
-    let e = client.call("cloning VM 123", Method::Post, "/nodes/pve1/qemu/123/clone", &[("newid", "200".into()), ("full", "0".into())]).await.unwrap_err();
+    let e = client
+        .call(
+            "cloning VM 123",
+            Method::Post,
+            "/nodes/pve1/qemu/123/clone",
+            &[("newid", "200".into()), ("full", "0".into())],
+        )
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("Linked clone feature is not supported for 'VM 123'"), "{e}");
     // A running VM is not destroyed.
     standin.shared.lock().vms.get_mut(&123).unwrap().running = true;
@@ -207,7 +244,12 @@ async fn a_failing_task_fails_with_its_exit_status_and_log_and_leaves_no_vm() {
     standin.set_fault_rate(1.0);
     let e = backend.provision(&request(7)).await.err().unwrap().to_string();
     assert!(e.starts_with("cloning template 9000 on node pve1 to VM 100000: task UPID:pve1:"), "{e}");
-    assert!(e.contains(":qmclone:9000:agentlab@pve!shim: failed: command 'lvcreate' failed: exit code 5 (injected fault 1)"), "{e}");
+    assert!(
+        e.contains(
+            ":qmclone:9000:agentlab@pve!shim: failed: command 'lvcreate' failed: exit code 5 (injected fault 1)"
+        ),
+        "{e}"
+    );
     assert!(e.contains("--- task log (last lines) ---\nTASK ERROR: command 'lvcreate' failed"), "{e}");
     // Proxmox removes a failed clone's VM itself; nothing is left.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -240,7 +282,13 @@ async fn lock_timeouts_proxy_errors_and_lost_answers_are_retried_without_duplica
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
         fault_rate: 0.3,
-        fault_kinds: vec![FaultKind::LockTimeout, FaultKind::VmLocked, FaultKind::Proxy595, FaultKind::Proxy596, FaultKind::DropConnection],
+        fault_kinds: vec![
+            FaultKind::LockTimeout,
+            FaultKind::VmLocked,
+            FaultKind::Proxy595,
+            FaultKind::Proxy596,
+            FaultKind::DropConnection,
+        ],
         lock_wait_scale: 0.01,
         fault_seed: 7,
         ..Options::default()
@@ -279,15 +327,22 @@ async fn placement_spreads_by_free_memory_and_uses_each_nodes_template() {
     let b = backend.provision(&request(2)).await.unwrap();
     assert!(b.shape().contains("on node pve3"), "{}", b.shape());
     // Each clone came from its node's own template.
-    let clones: Vec<(String, String)> =
-        standin.recorded().into_iter().filter(|r| r.template.ends_with("/clone")).map(|r| (r.params["node"].clone(), r.params["vmid"].clone())).collect();
+    let clones: Vec<(String, String)> = standin
+        .recorded()
+        .into_iter()
+        .filter(|r| r.template.ends_with("/clone"))
+        .map(|r| (r.params["node"].clone(), r.params["vmid"].clone()))
+        .collect();
     assert_eq!(clones, vec![("pve2".to_owned(), "9001".to_owned()), ("pve3".to_owned(), "9002".to_owned())]);
     // A full cluster is explained.
     for n in ["pve1", "pve2", "pve3"] {
         standin.set_node_load(n, 64 << 30, 0.9);
     }
     let e = backend.provision(&request(3)).await.err().unwrap().to_string();
-    assert!(e.starts_with("placing sandbox sb-000000000003: no node can take a 2048 MiB sandbox (pve1: 0 MiB free"), "{e}");
+    assert!(
+        e.starts_with("placing sandbox sb-000000000003: no node can take a 2048 MiB sandbox (pve1: 0 MiB free"),
+        "{e}"
+    );
     a.destroy().await.unwrap();
     b.destroy().await.unwrap();
     assert_eq!(standin.vms(), vec![]);
@@ -379,4 +434,51 @@ async fn the_reconciler_marks_vanished_vms_destroys_tagged_orphans_and_leaves_un
     vm2.destroy().await.unwrap();
     // The vanished VM's teardown finds nothing to do.
     vm1.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn args_via_qm_runs_qm_set_and_a_failure_is_explained_and_cleaned_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (standin, mut config) = setup(Options::default(), dir.path()).await;
+    // Stands in for the node's `qm`: records its arguments, fails on demand.
+    let qm = dir.path().join("qm");
+    let log = dir.path().join("qm.log");
+    let fail = dir.path().join("qm-fail");
+    std::fs::write(
+        &qm,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nif [ -e {} ]; then echo \"400 Parameter verification failed.\" >&2; exit 255; fi\n",
+            log.display(),
+            fail.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    config.args_via = agentlab_host::backend::proxmox::config::ArgsVia::Qm;
+    config.qm_command = vec![qm.display().to_string()];
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let vm = backend.provision(&request(1)).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "set 100000 --args -device vhost-vsock-pci,guest-cid=100000\n"
+    );
+    // The token set everything else, and never tried args; no root ticket was needed.
+    let recorded = standin.recorded();
+    let put = recorded.iter().find(|r| r.method == "PUT").unwrap();
+    assert!(!put.params.contains_key("args"), "{:?}", put.params);
+    assert_eq!(put.params["tags"], "agentlab;sb-000000000001");
+    assert!(recorded.iter().all(|r| r.template != "/access/ticket"));
+    vm.destroy().await.unwrap();
+
+    std::fs::write(&fail, "").unwrap();
+    let e = backend.provision(&request(2)).await.err().unwrap().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "setting VM 100001's vsock device on node pve1 with qm: `{} set 100001 --args -device vhost-vsock-pci,guest-cid=100001` failed (exit status: 255): 400 Parameter verification failed.",
+            qm.display()
+        )
+    );
+    assert_eq!(standin.vms(), vec![], "the half-made VM is destroyed");
 }

@@ -154,14 +154,24 @@ fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fa
         if jobs.iter().all(|j| j.state.is_terminal()) {
             break jobs;
         }
-        assert!(Instant::now() < deadline, "jobs still running: {:?}", jobs.iter().filter(|j| !j.state.is_terminal()).map(|j| (&j.id, j.state)).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "jobs still running: {:?}",
+            jobs.iter().filter(|j| !j.state.is_terminal()).map(|j| (&j.id, j.state)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     // Teardowns that met a permanent fault are finished by the reconciler (grace 2 s).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let left = standin.vms();
-        let unsettled: Vec<_> = store.sandboxes().unwrap().into_iter().filter(|s| s.state != SandboxState::Destroyed).map(|s| (s.id, s.state)).collect();
+        let unsettled: Vec<_> = store
+            .sandboxes()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.state != SandboxState::Destroyed)
+            .map(|s| (s.id, s.state))
+            .collect();
         if left.is_empty() && unsettled.is_empty() {
             break;
         }

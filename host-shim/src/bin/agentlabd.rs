@@ -111,10 +111,16 @@ async fn run(args: Args) -> Result<(), String> {
         BackendKind::Proxmox => {
             let file = ConfigFile::load(&args.config).map_err(|e| format!("--config {e}"))?;
             let pve = file.proxmox.ok_or_else(|| {
-                format!("--backend proxmox needs a `proxmox:` section in {} (see docs/PROXMOX.md)", args.config.display())
+                format!(
+                    "--backend proxmox needs a `proxmox:` section in {} (see docs/PROXMOX.md)",
+                    args.config.display()
+                )
             })?;
             if pve.channel == ChannelMode::Vsock {
-                tracing::info!("vsock channel: one AF_VSOCK listener on port {}, guests get CID = VMID", agentlab_protocol::AGENT_VSOCK_PORT);
+                tracing::info!(
+                    "vsock channel: one AF_VSOCK listener on port {}, guests get CID = VMID",
+                    agentlab_protocol::AGENT_VSOCK_PORT
+                );
             }
             let backend = Arc::new(ProxmoxBackend::new(pve).map_err(|e| e.to_string())?);
             (backend.clone() as Arc<dyn Backend>, Some(backend))

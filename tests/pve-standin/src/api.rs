@@ -13,7 +13,11 @@ use crate::{Recorded, Shared, Task, Vm, guest};
 #[derive(Debug)]
 pub enum Reply {
     Data(Value),
-    Error { status: u16, message: String, errors: BTreeMap<String, String> },
+    Error {
+        status: u16,
+        message: String,
+        errors: BTreeMap<String, String>,
+    },
     /// Close the connection without answering.
     Drop,
 }
@@ -59,7 +63,13 @@ fn route_kind(method: &str, template: &str) -> Kind {
     }
 }
 
-pub async fn handle(shared: &Arc<Shared>, method: &str, path: &str, query: Vec<(String, String)>, creds: Credentials) -> Reply {
+pub async fn handle(
+    shared: &Arc<Shared>,
+    method: &str,
+    path: &str,
+    query: Vec<(String, String)>,
+    creds: Credentials,
+) -> Reply {
     shared.lock().requests += 1;
     let Some(api_path) = path.strip_prefix("/api2/json") else {
         return err(501, format!("Method '{method} {path}' not implemented"));
@@ -126,7 +136,9 @@ pub async fn handle(shared: &Arc<Shared>, method: &str, path: &str, query: Vec<(
             return err(500, msg);
         }
         Some(FaultKind::Proxy595) => {
-            let msg = shared.faults().record(FaultKind::Proxy595, "Errors during connection establishment, proxy handshake".into());
+            let msg = shared
+                .faults()
+                .record(FaultKind::Proxy595, "Errors during connection establishment, proxy handshake".into());
             return err(595, msg);
         }
         Some(FaultKind::Proxy596) => {
@@ -152,13 +164,16 @@ pub async fn handle(shared: &Arc<Shared>, method: &str, path: &str, query: Vec<(
         Some(FaultKind::FailingTask) => {
             let mut f = shared.faults();
             let n = f.next_number();
-            let msg = f.record(FaultKind::FailingTask, format!("command 'lvcreate' failed: exit code 5 (injected fault {n})"));
+            let msg = f
+                .record(FaultKind::FailingTask, format!("command 'lvcreate' failed: exit code 5 (injected fault {n})"));
             task_failure = Some(msg);
         }
         Some(FaultKind::VmidRace) => {
             if let Some(newid) = params.get("newid").and_then(|v| v.parse::<u32>().ok()) {
                 another_client_takes(shared, newid, params.get("node").cloned().unwrap_or_default());
-                shared.faults().record(FaultKind::VmidRace, format!("unable to create VM {newid}: config file already exists"));
+                shared
+                    .faults()
+                    .record(FaultKind::VmidRace, format!("unable to create VM {newid}: config file already exists"));
             }
         }
     }
@@ -197,7 +212,8 @@ fn authenticate(shared: &Shared, method: &str, creds: &Credentials) -> Result<St
         return if *auth == expected { Ok(o.token_id.clone()) } else { Err(err(401, "authentication failure")) };
     }
     if let Some(cookie) = &creds.cookie {
-        let ticket = cookie.split(';').map(str::trim).find_map(|c| c.strip_prefix("PVEAuthCookie=")).unwrap_or_default();
+        let ticket =
+            cookie.split(';').map(str::trim).find_map(|c| c.strip_prefix("PVEAuthCookie=")).unwrap_or_default();
         let c = shared.lock();
         let Some((_, csrf)) = c.tickets.iter().find(|(t, _)| t == ticket) else {
             return Err(err(401, "invalid PVE ticket"));
@@ -229,7 +245,9 @@ async fn dispatch(ctx: &Ctx, method: &str, template: &str, p: &BTreeMap<String, 
     let node = p.get("node").cloned().unwrap_or_default();
     let vmid = int(p, "vmid");
     match (method, template) {
-        ("GET", "/version") => Reply::Data(json!({"version": format!("{}.0.3", ctx.shared.options.schema_version), "release": format!("{}.0", ctx.shared.options.schema_version), "repoid": "standin"})),
+        ("GET", "/version") => Reply::Data(
+            json!({"version": format!("{}.0.3", ctx.shared.options.schema_version), "release": format!("{}.0", ctx.shared.options.schema_version), "repoid": "standin"}),
+        ),
         ("GET", "/nodes") => {
             let c = ctx.shared.lock();
             Reply::Data(Value::Array(c.nodes.iter().map(|n| json!({"node": n.name, "status": "online", "mem": n.mem, "maxmem": n.maxmem, "cpu": n.cpu, "maxcpu": n.maxcpu})).collect()))
@@ -238,10 +256,20 @@ async fn dispatch(ctx: &Ctx, method: &str, template: &str, p: &BTreeMap<String, 
         ("GET", "/cluster/resources") => resources(ctx, p.get("type").map(String::as_str)),
         ("GET", "/cluster/nextid") => nextid(ctx, p.get("vmid").and_then(|v| v.parse().ok())),
         ("GET", "/nodes/{node}/tasks/{upid}/status") => task_status(ctx, &node, &p["upid"]),
-        ("GET", "/nodes/{node}/tasks/{upid}/log") => task_log(ctx, &node, &p["upid"], int(p, "start") as usize, p.get("limit").map_or(50, |_| int(p, "limit")) as usize),
+        ("GET", "/nodes/{node}/tasks/{upid}/log") => task_log(
+            ctx,
+            &node,
+            &p["upid"],
+            int(p, "start") as usize,
+            p.get("limit").map_or(50, |_| int(p, "limit")) as usize,
+        ),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => with_vm(ctx, &node, vmid, |vm| {
-            let mut cfg: serde_json::Map<String, Value> = vm.config.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-            cfg.insert("digest".into(), Value::String(format!("{:040x}", vm.config.len() as u64 * 7919 + u64::from(vmid))));
+            let mut cfg: serde_json::Map<String, Value> =
+                vm.config.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            cfg.insert(
+                "digest".into(),
+                Value::String(format!("{:040x}", vm.config.len() as u64 * 7919 + u64::from(vmid))),
+            );
             Reply::Data(Value::Object(cfg))
         }),
         ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => with_vm(ctx, &node, vmid, |vm| {
@@ -340,7 +368,12 @@ fn nextid(ctx: &Ctx, asked: Option<u32>) -> Reply {
 fn task_status(ctx: &Ctx, node: &str, upid: &str) -> Reply {
     let c = ctx.shared.lock();
     let Some(t) = c.tasks.get(upid).filter(|t| t.node == node) else {
-        return err(500, format!("unable to open file '/var/log/pve/tasks/active' for task {upid} on node {node} - No such file or directory"));
+        return err(
+            500,
+            format!(
+                "unable to open file '/var/log/pve/tasks/active' for task {upid} on node {node} - No such file or directory"
+            ),
+        );
     };
     let mut v = json!({
         "upid": t.upid, "node": t.node, "type": t.kind, "id": t.id, "user": t.user,
@@ -358,7 +391,8 @@ fn task_log(ctx: &Ctx, node: &str, upid: &str, start: usize, limit: usize) -> Re
     let Some(t) = c.tasks.get(upid).filter(|t| t.node == node) else {
         return err(500, format!("task log of {upid} not found on node {node}"));
     };
-    let lines: Vec<Value> = t.log.iter().enumerate().skip(start).take(limit).map(|(n, l)| json!({"n": n + 1, "t": l})).collect();
+    let lines: Vec<Value> =
+        t.log.iter().enumerate().skip(start).take(limit).map(|(n, l)| json!({"n": n + 1, "t": l})).collect();
     Reply::Data(Value::Array(lines))
 }
 
@@ -511,21 +545,25 @@ async fn clone(ctx: &Ctx, node: &str, vmid: u32, p: &BTreeMap<String, String>) -
     };
     let created = {
         let mut c = ctx.shared.lock();
-        if c.vms.contains_key(&newid) {
-            Err(err(500, format!("unable to create VM {newid}: config file already exists")))
-        } else {
-            let mut config = source.config.clone();
-            config.remove("template");
-            if let Some(disk) = config.get_mut("scsi0") {
-                *disk = format!("local-lvm:base-{vmid}-disk-0/vm-{newid}-disk-0,size=4G");
+        match c.vms.entry(newid) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                Err(err(500, format!("unable to create VM {newid}: config file already exists")))
             }
-            if let Some(name) = p.get("name") {
-                config.insert("name".into(), name.clone());
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let mut config = source.config.clone();
+                config.remove("template");
+                if let Some(disk) = config.get_mut("scsi0") {
+                    *disk = format!("local-lvm:base-{vmid}-disk-0/vm-{newid}-disk-0,size=4G");
+                }
+                if let Some(name) = p.get("name") {
+                    config.insert("name".into(), name.clone());
+                }
+                config.insert("lock".into(), "clone".into());
+                let target = p.get("target").cloned().unwrap_or_else(|| node.to_owned());
+                let created = std::time::Instant::now();
+                slot.insert(Vm { vmid: newid, node: target, config, template: false, running: false, created });
+                Ok(())
             }
-            config.insert("lock".into(), "clone".into());
-            let target = p.get("target").cloned().unwrap_or_else(|| node.to_owned());
-            c.vms.insert(newid, Vm { vmid: newid, node: target, config, template: false, running: false, created: std::time::Instant::now() });
-            Ok(())
         }
     };
     // Hold the source lock briefly, as the copy of its config does.
@@ -637,7 +675,10 @@ fn destroy(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
             Some(vm) if vm.running => Err(format!("VM {vmid} is running - destroy failed")),
             Some(_) => {
                 c.vms.remove(&vmid);
-                Ok(vec![format!("Removing image: 100% complete...done."), format!("purging VM {vmid} from related configurations..")])
+                Ok(vec![
+                    format!("Removing image: 100% complete...done."),
+                    format!("purging VM {vmid} from related configurations.."),
+                ])
             }
             None => Err(format!("Configuration file 'nodes/.../qemu-server/{vmid}.conf' does not exist")),
         }

@@ -52,7 +52,13 @@ fn vm_dir(hybrid_dir: &Path, vmid: u32) -> PathBuf {
 }
 
 /// Starts what the VM runs; `None` when the stand-in runs no guests.
-pub async fn start(shared: Arc<Shared>, vmid: u32, cid: Option<u32>, cores: u32, memory_mb: u32) -> Result<Option<GuestHandle>, String> {
+pub async fn start(
+    shared: Arc<Shared>,
+    vmid: u32,
+    cid: Option<u32>,
+    cores: u32,
+    memory_mb: u32,
+) -> Result<Option<GuestHandle>, String> {
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     match shared.options.guest.clone() {

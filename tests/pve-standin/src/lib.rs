@@ -190,7 +190,10 @@ impl StandIn {
             config.insert("memory".to_owned(), "512".to_owned());
             config.insert("scsi0".to_owned(), format!("local-lvm:base-{vmid}-disk-0,size=4G"));
             config.insert("template".to_owned(), "1".to_owned());
-            vms.insert(*vmid, Vm { vmid: *vmid, node: node.clone(), config, template: true, running: false, created: Instant::now() });
+            vms.insert(
+                *vmid,
+                Vm { vmid: *vmid, node: node.clone(), config, template: true, running: false, created: Instant::now() },
+            );
         }
         let cluster = Cluster {
             nodes: options.nodes.clone(),

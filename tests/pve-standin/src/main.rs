@@ -47,9 +47,6 @@ async fn main() {
         eprintln!("pve-standin: {e}");
         std::process::exit(1)
     });
-    println!(
-        "{}",
-        serde_json::json!({"url": standin.url(), "fingerprint": standin.fingerprint, "token": token})
-    );
+    println!("{}", serde_json::json!({"url": standin.url(), "fingerprint": standin.fingerprint, "token": token}));
     let _ = tokio::signal::ctrl_c().await;
 }

@@ -29,8 +29,9 @@ pub type Errors = BTreeMap<String, String>;
 impl Schema {
     pub fn load(version: u8) -> Result<Schema, String> {
         let path = schema_dir().join(format!("pve{version}-schema-subset.json"));
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("{}: {e} (set AGENTLAB_PVE_SCHEMA_DIR to the shared/pve-api directory)", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!("{}: {e} (set AGENTLAB_PVE_SCHEMA_DIR to the shared/pve-api directory)", path.display())
+        })?;
         let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let paths = doc
             .get("paths")
@@ -152,7 +153,10 @@ pub fn check_value(prop: &Value, value: &str) -> Result<(), String> {
             check_range(prop, n)?;
         }
         "boolean" => {
-            if !matches!(value.to_ascii_lowercase().as_str(), "0" | "1" | "true" | "false" | "yes" | "no" | "on" | "off") {
+            if !matches!(
+                value.to_ascii_lowercase().as_str(),
+                "0" | "1" | "true" | "false" | "yes" | "no" | "on" | "off"
+            ) {
                 return Err(format!("type check ('boolean') failed - got '{value}'"));
             }
         }
@@ -176,9 +180,10 @@ pub fn check_value(prop: &Value, value: &str) -> Result<(), String> {
         }
     }
     if let Some(pattern) = prop.get("pattern").and_then(Value::as_str) {
-        let re = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("schema pattern does not compile: {e}"))?;
+        let re =
+            Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("schema pattern does not compile: {e}"))?;
         if !re.is_match(value) {
-            return Err(format!("value does not match the regex pattern"));
+            return Err("value does not match the regex pattern".to_owned());
         }
     }
     match prop.get("format") {
@@ -213,7 +218,9 @@ fn check_format(format: &str, value: &str) -> Result<(), String> {
         "dns-name" => value.split('.').all(|l| matches(r"^[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?$", l)),
         "pve-vmid" => matches(r"^[1-9][0-9]{2,8}$", value),
         "pve-configid" => matches(r"^[a-z][a-z0-9_]{1,40}$", value),
-        "pve-configid-list" => value.split([',', ';', ' ']).filter(|s| !s.is_empty()).all(|id| matches(r"^[a-z][a-z0-9_\-]{1,40}$", id)),
+        "pve-configid-list" => {
+            value.split([',', ';', ' ']).filter(|s| !s.is_empty()).all(|id| matches(r"^[a-z][a-z0-9_\-]{1,40}$", id))
+        }
         "pve-tag-list" => {
             let tags: Vec<&str> = value.split([';', ',', ' ']).filter(|s| !s.is_empty()).collect();
             !tags.is_empty() && tags.iter().all(|t| matches(r"^(?i)[a-z0-9_][a-z0-9_\-\+\.]*$", t))
@@ -238,11 +245,17 @@ fn check_property_string(fields: &serde_json::Map<String, Value>, value: &str) -
             Some((k, v)) => (k.to_owned(), v.to_owned()),
             None => match &default_key {
                 Some(k) => (k.clone(), part.to_owned()),
-                None => return Err(format!("format error - value without key, but schema does not define a default key: '{part}'")),
+                None => {
+                    return Err(format!(
+                        "format error - value without key, but schema does not define a default key: '{part}'"
+                    ));
+                }
             },
         };
         let Some(field) = fields.get(&key) else {
-            return Err(format!("format error - {key}: property is not defined in schema and the schema does not allow additional properties"));
+            return Err(format!(
+                "format error - {key}: property is not defined in schema and the schema does not allow additional properties"
+            ));
         };
         if let Some(alias_of) = field.get("keyAlias").and_then(Value::as_str) {
             // `virtio=MAC`: the key is the value of `model`, the value is `macaddr`.
@@ -260,7 +273,11 @@ fn check_property_string(fields: &serde_json::Map<String, Value>, value: &str) -
         }
     }
     for (name, field) in fields {
-        if field.get("alias").is_none() && !is_true(field.get("optional")) && !seen.contains_key(name) && field.get("type").is_some() {
+        if field.get("alias").is_none()
+            && !is_true(field.get("optional"))
+            && !seen.contains_key(name)
+            && field.get("type").is_some()
+        {
             return Err(format!("format error - {name}: property is missing and it is not optional"));
         }
     }

@@ -20,7 +20,8 @@ pub async fn serve(shared: Arc<Shared>) -> Result<(SocketAddr, String, tokio::ta
         .map_err(|e| format!("certificate: {e}"))?;
     let der = cert.cert.der().clone();
     let fingerprint = Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
-    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| format!("key: {e}"))?;
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| format!("key: {e}"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -67,12 +68,19 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response
         cookie: header("cookie"),
         csrf: header("csrfpreventiontoken"),
     };
-    let mut params: Vec<(String, String)> = serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
+    let mut params: Vec<(String, String)> =
+        serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     if !body.is_empty() {
         match serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) {
             Ok(form) => params.extend(form),
-            Err(e) => return Ok(reply(Reply::Error { status: 400, message: format!("unable to parse form: {e}"), errors: Default::default() })),
+            Err(e) => {
+                return Ok(reply(Reply::Error {
+                    status: 400,
+                    message: format!("unable to parse form: {e}"),
+                    errors: Default::default(),
+                }));
+            }
         }
     }
     match handle(&shared, &method, &path, params, creds).await {
@@ -95,7 +103,8 @@ fn reply(r: Reply) -> Response<Full<Bytes>> {
     };
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json;charset=UTF-8"));
+    resp.headers_mut()
+        .insert("content-type", hyper::header::HeaderValue::from_static("application/json;charset=UTF-8"));
     if let Some(reason) = reason {
         // Like pve-http-server: the handler's error is the reason phrase (one line).
         let line: String = reason.replace(['\r', '\n'], " ").trim().to_owned();
@@ -105,4 +114,3 @@ fn reply(r: Reply) -> Response<Full<Bytes>> {
     }
     resp
 }
-

@@ -69,15 +69,19 @@ impl ArgsSetter {
             return Ok((t.ticket.clone(), t.csrf.clone()));
         }
         let op = "logging in as root@pam for the args option";
-        let password = self.root_password.clone().ok_or_else(|| PveError::Config("args_via: ticket needs root_password_file".into()))?;
+        let password = self
+            .root_password
+            .clone()
+            .ok_or_else(|| PveError::Config("args_via: ticket needs root_password_file".into()))?;
         let answer = client
             .call(op, Method::Post, "/access/ticket", &[("username", "root@pam".to_owned()), ("password", password)])
             .await?;
         let field = |name: &str| {
-            answer.get(name).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| PveError::Decode {
-                op: op.to_owned(),
-                detail: format!("the answer has no {name}"),
-            })
+            answer
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| PveError::Decode { op: op.to_owned(), detail: format!("the answer has no {name}") })
         };
         let ticket = Ticket { ticket: field("ticket")?, csrf: field("CSRFPreventionToken")?, at: Instant::now() };
         let pair = (ticket.ticket.clone(), ticket.csrf.clone());
@@ -88,10 +92,14 @@ impl ArgsSetter {
     /// `qm set VMID --KEY VALUE …` on this node.
     async fn qm_set(&self, op: &str, vmid: u32, params: &[(&str, String)]) -> Result<(), PveError> {
         let argv = qm_argv(&self.qm_command, vmid, params);
-        let output = tokio::process::Command::new(&argv[0]).args(&argv[1..]).output().await.map_err(|e| PveError::Other {
-            op: op.to_owned(),
-            detail: format!("cannot run {}: {e} (agentlabd must run on the Proxmox node, as root, for args_via: qm)", argv[0]),
-        })?;
+        let output =
+            tokio::process::Command::new(&argv[0]).args(&argv[1..]).output().await.map_err(|e| PveError::Other {
+                op: op.to_owned(),
+                detail: format!(
+                    "cannot run {}: {e} (agentlabd must run on the Proxmox node, as root, for args_via: qm)",
+                    argv[0]
+                ),
+            })?;
         if output.status.success() {
             return Ok(());
         }

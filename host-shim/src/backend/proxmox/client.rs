@@ -197,7 +197,13 @@ impl PveClient {
 
     /// An idempotent call (GET, PUT of settings, anything whose repetition is harmless):
     /// every transient failure is retried.
-    pub async fn call(&self, op: &str, method: Method, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+    pub async fn call(
+        &self,
+        op: &str,
+        method: Method,
+        path: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, PveError> {
         self.call_as(op, method, path, params, &Auth::Token).await
     }
 
@@ -276,9 +282,9 @@ impl PveClient {
         };
         req = match auth {
             Auth::Token => req.header(reqwest::header::AUTHORIZATION, &self.token_header),
-            Auth::Ticket { ticket, csrf } => {
-                req.header(reqwest::header::COOKIE, format!("PVEAuthCookie={ticket}")).header("CSRFPreventionToken", *csrf)
-            }
+            Auth::Ticket { ticket, csrf } => req
+                .header(reqwest::header::COOKIE, format!("PVEAuthCookie={ticket}"))
+                .header("CSRFPreventionToken", *csrf),
         };
         let resp = req.send().await.map_err(|e| {
             let detail = error_chain(&e);
@@ -302,10 +308,8 @@ impl PveClient {
             Some(b) => (b.message, b.errors.unwrap_or_default()),
             None => (None, Default::default()),
         };
-        let errors = errors
-            .into_iter()
-            .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-            .collect();
+        let errors =
+            errors.into_iter().map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect();
         Err(Failure::Api(ApiError { status: status.as_u16(), reason, message, errors }))
     }
 }

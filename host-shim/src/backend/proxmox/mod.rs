@@ -145,7 +145,10 @@ impl Inner {
                 .map_err(|e| BackendError::Proxmox(format!("placing sandbox {}: {e}", req.sandbox_id)))?
                 .clone()
         };
-        let in_use: HashSet<u32> = vm_entries(&resources).filter_map(|v| v.get("vmid").and_then(Value::as_u64)).filter_map(|v| u32::try_from(v).ok()).collect();
+        let in_use: HashSet<u32> = vm_entries(&resources)
+            .filter_map(|v| v.get("vmid").and_then(Value::as_u64))
+            .filter_map(|v| u32::try_from(v).ok())
+            .collect();
         self.add_pending(&node.name, i64::from(req.memory_mb));
         let cloned = self.clone_vm(&node, req, &in_use).await;
         let vmid = match cloned {
@@ -182,7 +185,12 @@ impl Inner {
 
     /// Linked clone of the node's template into a fresh VMID from the pool; an id
     /// someone else took first moves on to the next.
-    async fn clone_vm(&self, node: &NodeConfig, req: &ProvisionRequest, in_use: &HashSet<u32>) -> Result<u32, PveError> {
+    async fn clone_vm(
+        &self,
+        node: &NodeConfig,
+        req: &ProvisionRequest,
+        in_use: &HashSet<u32>,
+    ) -> Result<u32, PveError> {
         let template = node.template_for(req.template_vmid);
         let mut skipped = Vec::new();
         for _ in 0..MAX_VMID_TRIES {
@@ -195,7 +203,8 @@ impl Inner {
             let params = [("newid", vmid.to_string()), ("full", "0".to_owned()), ("name", name.clone())];
             let path = format!("/nodes/{}/qemu/{template}/clone", node.name);
             // The clone carries our name: a VM with this id and name is our clone.
-            let ours = |cfg: Option<&Value>| cfg.and_then(|c| c.get("name")).and_then(Value::as_str) == Some(name.as_str());
+            let ours =
+                |cfg: Option<&Value>| cfg.and_then(|c| c.get("name")).and_then(Value::as_str) == Some(name.as_str());
             let check = Check { path: format!("/nodes/{}/qemu/{vmid}/config", node.name), applied: &ours };
             match self.client.call_once(&op, Method::Post, &path, &params, check).await {
                 Ok(Outcome::Answered(data)) => {
@@ -252,7 +261,10 @@ impl Inner {
             let status = self.client.call(op, Method::Get, &path, &[]).await?;
             let Some(lock) = status.get("lock").and_then(Value::as_str) else { return Ok(()) };
             if tokio::time::Instant::now() >= deadline {
-                return Err(PveError::Other { op: op.to_owned(), detail: format!("still locked ({lock}) after {} s", LOCK_WAIT.as_secs()) });
+                return Err(PveError::Other {
+                    op: op.to_owned(),
+                    detail: format!("still locked ({lock}) after {} s", LOCK_WAIT.as_secs()),
+                });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
@@ -266,7 +278,13 @@ impl Inner {
             ("cores", req.cores.to_string()),
             ("memory", req.memory_mb.to_string()),
             ("tags", tags_for(&req.sandbox_id)),
-            ("description", format!("AgentLab sandbox {} for job {} (agentlab job show {})", req.sandbox_id, req.job_id, req.job_id)),
+            (
+                "description",
+                format!(
+                    "AgentLab sandbox {} for job {} (agentlab job show {})",
+                    req.sandbox_id, req.job_id, req.job_id
+                ),
+            ),
         ];
         match &req.bridge {
             Some(bridge) => params.push(("net0", format!("virtio,bridge={bridge}"))),
@@ -406,7 +424,9 @@ impl Sandbox for ProxmoxSandbox {
             let description = match vm_status(&self.inner.client, &op, &self.node, self.vmid).await {
                 Ok(Some(s)) if s == "running" => continue,
                 Ok(Some(s)) => format!("VM {} on node {} is {s}", self.vmid, self.node),
-                Ok(None) => format!("VM {} on node {} no longer exists (deleted outside AgentLab)", self.vmid, self.node),
+                Ok(None) => {
+                    format!("VM {} on node {} no longer exists (deleted outside AgentLab)", self.vmid, self.node)
+                }
                 // The API being unreachable says nothing about the VM.
                 Err(e) => {
                     tracing::warn!("{e}");
@@ -428,7 +448,10 @@ impl Sandbox for ProxmoxSandbox {
     }
 
     fn diagnostics(&self) -> String {
-        format!("--- proxmox ---\nVM {} on node {} ({}); see its task log and `qm config {}` on the node", self.vmid, self.node, self.sandbox_id, self.vmid)
+        format!(
+            "--- proxmox ---\nVM {} on node {} ({}); see its task log and `qm config {}` on the node",
+            self.vmid, self.node, self.sandbox_id, self.vmid
+        )
     }
 
     fn dial_in_hint(&self) -> String {

@@ -47,7 +47,8 @@ impl Reconciler {
         let inner = &backend.inner;
         let op = "reconciling: listing VMs";
         let vms = inner.client.call(op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())]).await?;
-        let store_err = |e: crate::store::StoreError| PveError::Other { op: "reconciling".into(), detail: e.to_string() };
+        let store_err =
+            |e: crate::store::StoreError| PveError::Other { op: "reconciling".into(), detail: e.to_string() };
         let sandboxes = store.sandboxes().map_err(store_err)?;
         let mut report = Report::default();
 
@@ -108,7 +109,12 @@ impl Reconciler {
                 Ok(()) => {
                     let known = owner.as_deref().and_then(|id| sandboxes.iter().find(|sb| sb.id == id));
                     let msg = format!("orphan VM {vmid} on node {node} destroyed by the reconciler");
-                    let _ = store.record_event(known.and_then(|sb| sb.job_id.as_deref()), owner.as_deref(), "vm.orphan_destroyed", &msg);
+                    let _ = store.record_event(
+                        known.and_then(|sb| sb.job_id.as_deref()),
+                        owner.as_deref(),
+                        "vm.orphan_destroyed",
+                        &msg,
+                    );
                     // A sandbox whose teardown failed earlier is now really gone.
                     if let Some(sb) = known.filter(|sb| sb.state.can_become(SandboxState::Destroyed)) {
                         let _ = store.transition_sandbox(&sb.id, SandboxState::Destroyed, Some(&msg));

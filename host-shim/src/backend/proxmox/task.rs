@@ -96,7 +96,9 @@ async fn log_lines(client: &PveClient, op: &str, upid: &Upid) -> Result<Vec<Stri
 
 /// Reads a UPID out of a call's answer.
 pub fn upid_of(op: &str, data: &Value) -> Result<Upid, PveError> {
-    let text = data.as_str().ok_or_else(|| PveError::Decode { op: op.to_owned(), detail: format!("expected a UPID, got {data}") })?;
+    let text = data
+        .as_str()
+        .ok_or_else(|| PveError::Decode { op: op.to_owned(), detail: format!("expected a UPID, got {data}") })?;
     Upid::parse(text).map_err(|detail| PveError::Decode { op: op.to_owned(), detail })
 }
 

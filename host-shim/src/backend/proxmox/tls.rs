@@ -183,7 +183,6 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
