@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A harness fails loudly by design.
 
 pub mod pve;
+pub mod pve_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -459,10 +459,7 @@ async fn args_via_qm_runs_qm_set_and_a_failure_is_explained_and_cleaned_up() {
     config.qm_command = vec![qm.display().to_string()];
     let backend = ProxmoxBackend::new(config).unwrap();
     let vm = backend.provision(&request(1)).await.unwrap();
-    assert_eq!(
-        std::fs::read_to_string(&log).unwrap(),
-        "set 100000 --args -device vhost-vsock-pci,guest-cid=100000\n"
-    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "set 100000 --args -device vhost-vsock-pci,guest-cid=100000\n");
     // The token set everything else, and never tried args; no root ticket was needed.
     let recorded = standin.recorded();
     let put = recorded.iter().find(|r| r.method == "PUT").unwrap();

@@ -5,6 +5,9 @@
 //! 2. Submit → first output byte at the CLI, minus the boot time.
 //! 3. The agent's static binary size and idle RSS.
 //! 4. The secret redactor's throughput, against sed doing the same replacements.
+//! 5. The Proxmox backend against the stand-in in no-boot mode: API requests per
+//!    lifecycle, lifecycles/s at 50 concurrent, daemon RSS at 500 live sandboxes.
+//!    `AGENTLAB_BENCH_ONLY=proxmox` runs only this section.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark aborts on any surprise.
 
 use std::path::{Path, PathBuf};
@@ -59,6 +62,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = parse_args();
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+    if std::env::var("AGENTLAB_BENCH_ONLY").as_deref() == Ok("proxmox") {
+        agentlab_tests::pve_bench::proxmox_figures(&bin_dir, &args.profiles_dir).await;
+        return;
+    }
     let scratch = tempfile::Builder::new().prefix("agentlab-bench-").tempdir().unwrap();
     println!("AgentLab benchmarks ({} runs per boot figure, TCG unless KVM probes fine)", BOOT_RUNS);
 
@@ -126,6 +134,7 @@ async fn main() {
         "agent: idle RSS (handshake done, waiting)  {agent_rss:8} KiB ({:.2}x a static busybox sleep's {busybox_rss} KiB)",
         agent_rss as f64 / busybox_rss as f64
     );
+    agentlab_tests::pve_bench::proxmox_figures(&bin_dir, &args.profiles_dir).await;
 }
 
 fn fmt_runs(v: &[f64]) -> String {

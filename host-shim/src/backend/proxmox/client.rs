@@ -138,8 +138,13 @@ pub enum Outcome {
     AlreadyApplied,
 }
 
+/// Most API requests in flight at once: pveproxy runs few workers, and a burst of
+/// sandboxes should queue here rather than pile up connections there.
+const MAX_IN_FLIGHT: usize = 16;
+
 pub struct PveClient {
     http: reqwest::Client,
+    in_flight: tokio::sync::Semaphore,
     base: String,
     token_header: String,
     retry: RetryPolicy,
@@ -175,10 +180,12 @@ impl PveClient {
             .timeout(config.request_timeout)
             .http1_only()
             .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(MAX_IN_FLIGHT)
             .build()
             .map_err(|e| PveError::Config(format!("building the HTTP client: {e}")))?;
         Ok(PveClient {
             http,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             base: format!("{url}/api2/json"),
             token_header: format!("PVEAPIToken={}={}", config.token_id, config.token_secret),
             retry: config.retry,
@@ -273,6 +280,8 @@ impl PveClient {
         params: &[(&str, String)],
         auth: &Auth<'_>,
     ) -> Result<Value, Failure> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _permit = self.in_flight.acquire().await.map_err(|e| Failure::NotSent(e.to_string()))?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.as_reqwest(), &url);
