@@ -121,7 +121,7 @@ fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<P
     let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
         api_url: standin.url(),
         token_id: options.token_id.clone(),
-        token_secret: options.token_secret.clone(),
+        token_secret: agentlab_host::backend::proxmox::client::Secret(options.token_secret.clone()),
         tls,
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),

@@ -21,11 +21,21 @@ pub struct ConnectionConfig {
     /// `USER@REALM!TOKENID`.
     pub token_id: String,
     /// The token's UUID secret. Never logged.
-    pub token_secret: String,
+    pub token_secret: Secret,
     pub tls: TlsConfig,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
+}
+
+/// A credential: its Debug form is redacted, so a logged config cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// Bounded, jittered exponential backoff.
@@ -187,7 +197,7 @@ impl PveClient {
             http,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             base: format!("{url}/api2/json"),
-            token_header: format!("PVEAPIToken={}={}", config.token_id, config.token_secret),
+            token_header: format!("PVEAPIToken={}={}", config.token_id, config.token_secret.0),
             retry: config.retry,
             requests: AtomicU64::new(0),
         })
@@ -360,6 +370,11 @@ mod tests {
     }
 
     #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        assert_eq!(format!("{:?}", Secret("5f8e2a8e".into())), "[redacted]");
+    }
+
+    #[test]
     fn nextid_is_read_leniently() {
         assert_eq!(lenient_u64(&serde_json::json!(123)), Some(123));
         assert_eq!(lenient_u64(&serde_json::json!("123")), Some(123));
@@ -371,7 +386,7 @@ mod tests {
         let mut c = ConnectionConfig {
             api_url: "http://pve:8006".into(),
             token_id: "agentlab@pve!shim".into(),
-            token_secret: "s".into(),
+            token_secret: Secret("s".into()),
             tls: TlsConfig { insecure: true, ..TlsConfig::default() },
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),

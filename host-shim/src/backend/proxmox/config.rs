@@ -153,7 +153,7 @@ impl ProxmoxConfig {
         Ok(ConnectionConfig {
             api_url: self.api_url.clone(),
             token_id: self.token_id.clone(),
-            token_secret,
+            token_secret: super::client::Secret(token_secret),
             tls: self.tls.clone(),
             connect_timeout: Duration::from_secs(self.connect_timeout_secs),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
