@@ -132,7 +132,7 @@ fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fa
         guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") },
         fault_rate: 0.1,
         fault_kinds: FaultKind::ALL.to_vec(),
-        fault_seed: 2026,
+        fault_seed: std::env::var("AGENTLAB_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026),
         lock_wait_scale: 0.05,
         task_duration: Duration::from_millis(10),
         // Room for 200 sandboxes of 4 GiB at once.
@@ -190,7 +190,12 @@ fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fa
     }
     let completed = JOBS - failed.len();
     let kinds: std::collections::BTreeSet<String> = injected.iter().map(|(k, _)| format!("{k:?}")).collect();
-    eprintln!("soak: {completed} completed, {} failed, {} faults injected ({kinds:?})", failed.len(), injected.len());
+    eprintln!(
+        "soak: {completed} completed, {} failed, {} faults injected in {} requests ({kinds:?})",
+        failed.len(),
+        injected.len(),
+        standin.requests()
+    );
     assert_eq!(kinds.len(), FaultKind::ALL.len(), "every kind of fault was injected: {kinds:?}");
     assert!(completed >= JOBS / 2, "only {completed} of {JOBS} completed");
     assert_eq!(standin.validation_failures(), Vec::<String>::new());

@@ -67,6 +67,10 @@ struct Inner {
     vmids: VmidPool,
     /// Memory promised to sandboxes being created, per node, until Proxmox shows it.
     pending_mb: Mutex<HashMap<String, u64>>,
+    /// VMs this daemon made whose removal failed (node, VMID). A clone that failed
+    /// before it was tagged is invisible to the reconciler's tag rule, so the daemon
+    /// remembers it and the reconciler retries it each pass.
+    failed_cleanups: Mutex<Vec<(String, u32)>>,
 }
 
 impl ProxmoxBackend {
@@ -79,7 +83,14 @@ impl ProxmoxBackend {
         };
         let args = ArgsSetter::new(config.args_via.clone(), config.qm_command.clone(), password);
         let [first, last] = config.vmid_range;
-        let inner = Inner { client, args, vmids: VmidPool::new(first..=last), pending_mb: Mutex::default(), config };
+        let inner = Inner {
+            client,
+            args,
+            vmids: VmidPool::new(first..=last),
+            pending_mb: Mutex::default(),
+            failed_cleanups: Mutex::default(),
+            config,
+        };
         Ok(ProxmoxBackend { inner: Arc::new(inner) })
     }
 
@@ -167,6 +178,7 @@ impl Inner {
             sandbox_id: req.sandbox_id.clone(),
             hybrid_dir: None,
             exit: None,
+            pending_released: false,
         };
         if let Err(e) = self.configure(&node.name, vmid, req).await {
             let _ = sandbox.teardown().await;
@@ -246,10 +258,36 @@ impl Inner {
 
     /// A failed clone may have left a VM: remove it, then free the id.
     async fn abandon(&self, node: &str, vmid: u32) {
-        if let Err(e) = destroy_vm(self, node, vmid).await {
-            tracing::error!("removing the failed clone VM {vmid} on {node}: {e}");
+        match destroy_vm(self, node, vmid).await {
+            Ok(()) => self.vmids.release(vmid),
+            Err(e) => {
+                tracing::error!("removing the failed clone VM {vmid} on {node} (retried by the reconciler): {e}");
+                self.remember_failed_cleanup(node, vmid);
+            }
         }
-        self.vmids.release(vmid);
+    }
+
+    fn remember_failed_cleanup(&self, node: &str, vmid: u32) {
+        self.failed_cleanups.lock().unwrap_or_else(PoisonError::into_inner).push((node.to_owned(), vmid));
+    }
+
+    /// Tries again to remove the VMs whose removal failed; returns those removed.
+    pub(crate) async fn retry_failed_cleanups(&self) -> Vec<u32> {
+        let pending = std::mem::take(&mut *self.failed_cleanups.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut removed = Vec::new();
+        for (node, vmid) in pending {
+            match destroy_vm(self, &node, vmid).await {
+                Ok(()) => {
+                    self.vmids.release(vmid);
+                    removed.push(vmid);
+                }
+                Err(e) => {
+                    tracing::warn!("removing VM {vmid} on {node} again: {e}");
+                    self.remember_failed_cleanup(&node, vmid);
+                }
+            }
+        }
+        removed
     }
 
     /// Waits until the VM's config carries no `lock` (a clone holds one until done).
@@ -370,16 +408,25 @@ pub struct ProxmoxSandbox {
     sandbox_id: String,
     hybrid_dir: Option<PathBuf>,
     exit: Option<VmExit>,
+    pending_released: bool,
 }
 
 impl ProxmoxSandbox {
+    /// Stops counting this sandbox's memory as promised to its node.
+    fn release_pending(&mut self) {
+        if !self.pending_released {
+            self.pending_released = true;
+            self.inner.add_pending(&self.node, -i64::from(self.memory_mb));
+        }
+    }
+
     async fn teardown(&mut self) -> Result<(), PveError> {
         let result = destroy_vm(&self.inner, &self.node, self.vmid).await;
-        if result.is_ok() {
-            self.inner.vmids.release(self.vmid);
+        match &result {
+            Ok(()) => self.inner.vmids.release(self.vmid),
+            Err(_) => self.inner.remember_failed_cleanup(&self.node, self.vmid),
         }
-        self.inner.add_pending(&self.node, -i64::from(self.memory_mb));
-        self.memory_mb = 0;
+        self.release_pending();
         if let Some(dir) = self.hybrid_dir.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -403,13 +450,18 @@ impl Sandbox for ProxmoxSandbox {
         let path = format!("/nodes/{node}/qemu/{vmid}/status/start");
         let running = |s: Option<&Value>| status_of(s) == Some("running");
         let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &running };
-        match client.call_once(&op, Method::Post, &path, &[], check).await? {
-            Outcome::Answered(data) => {
+        match client.call_once(&op, Method::Post, &path, &[], check).await {
+            Ok(Outcome::Answered(data)) => {
                 let upid = task::upid_of(&op, &data)?;
                 task::wait(client, &op, &upid, self.inner.task_timeout()).await?;
             }
-            Outcome::AlreadyApplied => {}
+            Ok(Outcome::AlreadyApplied) => {}
+            // A start whose answer was lost, repeated while the first one finished.
+            Err(e) if e.api().is_some_and(|a| a.text().contains("already running")) => {}
+            Err(e) => return Err(e.into()),
         }
+        // Proxmox counts a running VM's memory itself from now on.
+        self.release_pending();
         Ok(())
     }
 

@@ -45,11 +45,14 @@ impl Reconciler {
 
     pub async fn pass(&mut self, backend: &ProxmoxBackend, store: &Store) -> Result<Report, PveError> {
         let inner = &backend.inner;
-        let op = "reconciling: listing VMs";
-        let vms = inner.client.call(op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())]).await?;
+        inner.retry_failed_cleanups().await;
+        // The database first: a sandbox it shows as BOOTING or later had its VM tagged
+        // before this read, so the listing after it must show that VM.
         let store_err =
             |e: crate::store::StoreError| PveError::Other { op: "reconciling".into(), detail: e.to_string() };
         let sandboxes = store.sandboxes().map_err(store_err)?;
+        let op = "reconciling: listing VMs";
+        let vms = inner.client.call(op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())]).await?;
         let mut report = Report::default();
 
         let ours: Vec<(u32, String, String)> = vms
@@ -79,6 +82,20 @@ impl Reconciler {
                 }
                 tracing::warn!(sandbox = %sb.id, "{msg}");
                 report.vanished.push(sb.id.clone());
+            }
+        }
+
+        // A finished sandbox whose teardown failed and whose VM is gone now (removed
+        // by a later retry, or by someone else) is settled.
+        for sb in &sandboxes {
+            let finished = matches!(
+                sb.state,
+                SandboxState::Completed | SandboxState::Failed | SandboxState::Timeout | SandboxState::Stopped
+            );
+            let job_over = sb.job_id.as_deref().is_none_or(|j| store.job(j).is_ok_and(|job| job.state.is_terminal()));
+            if sb.backend == "proxmox" && finished && job_over && !listed.contains(&sb.id) {
+                let msg = "its VM is gone (a failed teardown was retried by the reconciler)";
+                let _ = store.transition_sandbox(&sb.id, SandboxState::Destroyed, Some(msg));
             }
         }
 
