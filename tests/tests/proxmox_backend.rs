@@ -117,6 +117,19 @@ async fn every_request_the_client_sends_validates_against_the_pve8_schema_too() 
     }
 }
 
+fn client_with_retry(standin: &StandIn, options: &Options, attempts: u32) -> PveClient {
+    let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
+        api_url: standin.url(),
+        token_id: options.token_id.clone(),
+        token_secret: agentlab_host::backend::proxmox::client::Secret(options.token_secret.clone()),
+        tls: TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(30),
+        retry: agentlab_host::backend::proxmox::client::RetryPolicy { max_attempts: attempts, ..Default::default() },
+    };
+    PveClient::new(&conn).unwrap()
+}
+
 fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<PveClient, String> {
     let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
         api_url: standin.url(),
@@ -478,4 +491,61 @@ async fn args_via_qm_runs_qm_set_and_a_failure_is_explained_and_cleaned_up() {
         )
     );
     assert_eq!(standin.vms(), vec![], "the half-made VM is destroyed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_locks_like_pve_and_nextid_reserves_nothing() {
+    let options = Options { task_duration: Duration::from_millis(400), lock_wait_scale: 0.05, ..Options::default() };
+    let standin = StandIn::start(options.clone()).await.unwrap();
+    let tls = TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() };
+    let client = client_with(&standin, &options, tls).unwrap();
+    use agentlab_host::backend::proxmox::client::lenient_u64;
+
+    // nextid hands the same id to everyone until a VM takes it.
+    let a = client.call("nextid", Method::Get, "/cluster/nextid", &[]).await.unwrap();
+    let b = client.call("nextid", Method::Get, "/cluster/nextid", &[]).await.unwrap();
+    assert_eq!((lenient_u64(&a), lenient_u64(&b)), (Some(100), Some(100)));
+    let e = client.call("nextid", Method::Get, "/cluster/nextid", &[("vmid", "9000".into())]).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "nextid: Proxmox refused: HTTP 400 Parameter verification failed.; parameter 'vmid': VM 9000 already exists"
+    );
+
+    // During a clone the new VM carries `lock: clone`, and config changes are refused.
+    let upid = client
+        .call("cloning", Method::Post, "/nodes/pve1/qemu/9000/clone", &[("newid", "300".into()), ("full", "0".into())])
+        .await
+        .unwrap();
+    let upid = upid.as_str().unwrap().to_owned();
+    assert!(upid.starts_with("UPID:pve1:") && upid.ends_with(":qmclone:9000:agentlab@pve!shim:"), "{upid}");
+    let status = client.call("status", Method::Get, "/nodes/pve1/qemu/300/status/current", &[]).await.unwrap();
+    assert_eq!(status["lock"], "clone");
+    // One attempt, to see Proxmox's refusal itself (the backend retries it).
+    let once = client_with_retry(&standin, &options, 1);
+    let e = once.call("configuring VM 300", Method::Put, "/nodes/pve1/qemu/300/config", &[("cores", "2".into())]).await;
+    assert_eq!(e.unwrap_err().to_string(), "configuring VM 300: Proxmox refused: HTTP 500 VM is locked (clone)");
+    // Retried, it goes through once the clone is done.
+    client
+        .call("configuring VM 300", Method::Put, "/nodes/pve1/qemu/300/config", &[("cores", "2".into())])
+        .await
+        .unwrap();
+    let task = agentlab_host::backend::proxmox::upid::Upid::parse(&upid).unwrap();
+    agentlab_host::backend::proxmox::task::wait(&client, "cloning", &task, Duration::from_secs(10)).await.unwrap();
+    let status = client.call("status", Method::Get, "/nodes/pve1/qemu/300/status/current", &[]).await.unwrap();
+    assert!(status.get("lock").is_none(), "{status}");
+
+    // A held config lock: PUT waits 10 s (x0.05 here) per attempt, and after the
+    // attempts the error carries the lock file's path and the attempt count.
+    standin.shared.lock().file_locks.insert(300, u64::MAX);
+    let started = std::time::Instant::now();
+    let e = client
+        .call("configuring VM 300", Method::Put, "/nodes/pve1/qemu/300/config", &[("cores", "2".into())])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() >= Duration::from_millis(6 * 500), "{:?}", started.elapsed());
+    assert_eq!(
+        e,
+        "configuring VM 300: Proxmox refused: HTTP 500 can't lock file '/var/lock/qemu-server/lock-300.conf' - got timeout (after 6 attempts)"
+    );
 }
