@@ -63,17 +63,13 @@ fn lifecycle_requests(standin: &StandIn) -> usize {
         .count()
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_field(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
+    status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_field(pid, "VmRSS:")
 }
 
 pub async fn proxmox_figures(bin_dir: &Path, profiles_dir: &Path) {
@@ -163,6 +159,7 @@ pub async fn proxmox_figures(bin_dir: &Path, profiles_dir: &Path) {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let live_rss = rss_kib(d.child.id());
+    eprintln!("proxmox: (agentlabd threads with {LIVE} live: {})", status_field(d.child.id(), "Threads:"));
     println!(
         "proxmox: agentlabd RSS, {LIVE} live sandboxes    {live_rss:8} KiB ({:.1}x idle {idle_rss} KiB; {:.1} KiB per sandbox)",
         live_rss as f64 / idle_rss as f64,

@@ -148,20 +148,16 @@ impl Inner {
     /// Places, clones, waits, configures. On any failure after the clone, the VM is
     /// destroyed before the error is returned.
     async fn create(self: Arc<Self>, req: &ProvisionRequest) -> Result<ProxmoxSandbox, BackendError> {
-        let resources = self.client.call("listing cluster resources", Method::Get, "/cluster/resources", &[]).await?;
-        let loads = placement::node_loads(&resources);
+        let (loads, in_use) = self.cluster_view().await?;
         let node = {
             let pending = self.pending_mb.lock().unwrap_or_else(PoisonError::into_inner).clone();
             placement::choose(&self.config.nodes, &loads, &pending, req.memory_mb)
                 .map_err(|e| BackendError::Proxmox(format!("placing sandbox {}: {e}", req.sandbox_id)))?
                 .clone()
         };
-        let in_use: HashSet<u32> = vm_entries(&resources)
-            .filter_map(|v| v.get("vmid").and_then(Value::as_u64))
-            .filter_map(|v| u32::try_from(v).ok())
-            .collect();
         self.add_pending(&node.name, i64::from(req.memory_mb));
         let cloned = self.clone_vm(&node, req, &in_use).await;
+        drop(in_use);
         let vmid = match cloned {
             Ok(vmid) => vmid,
             Err(e) => {
@@ -193,6 +189,19 @@ impl Inner {
             sandbox.hybrid_dir = Some(dir);
         }
         Ok(sandbox)
+    }
+
+    /// Node loads and the VMIDs in use, from one `/cluster/resources`. Only these are
+    /// kept: the listing itself grows with the cluster and must not live on in every
+    /// sandbox being created.
+    async fn cluster_view(&self) -> Result<(Vec<placement::NodeLoad>, HashSet<u32>), PveError> {
+        let resources = self.client.call("listing cluster resources", Method::Get, "/cluster/resources", &[]).await?;
+        let loads = placement::node_loads(&resources);
+        let in_use = vm_entries(&resources)
+            .filter_map(|v| v.get("vmid").and_then(Value::as_u64))
+            .filter_map(|v| u32::try_from(v).ok())
+            .collect();
+        Ok((loads, in_use))
     }
 
     /// Linked clone of the node's template into a fresh VMID from the pool; an id
