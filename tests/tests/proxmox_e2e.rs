@@ -200,3 +200,55 @@ fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fa
     assert!(completed >= JOBS / 2, "only {completed} of {JOBS} completed");
     assert_eq!(standin.validation_failures(), Vec::<String>::new());
 }
+
+/// The daemon's own reconciler (every second here): a VM deleted behind its back fails
+/// its job with that reason, a tagged orphan goes after the grace period (2 s), and an
+/// untagged VM stays.
+#[test]
+fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagged_vms() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    standin.plant_vm(100_900, "pve1", "sb-0000000000ff", Some("agentlab;sb-0000000000ff"));
+    standin.plant_vm(555, "pve1", "databases", None);
+    let d = daemon_for(&standin, &options, dir.path());
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "sleep 60"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job_id = ids["job_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.job_json(job_id)["state"] != "RUNNING" {
+        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vmid = standin
+        .vms()
+        .iter()
+        .find(|v| v.tags.as_deref() == Some(&format!("agentlab;{}", ids["sandbox_id"].as_str().unwrap())))
+        .unwrap()
+        .vmid;
+    assert!(standin.delete_behind_back(vmid));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let job = d.job_json(job_id);
+        if job["state"] != "RUNNING" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job outlived its VM: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["state"], "FAILED");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains(&format!("VM {vmid} on node pve1 no longer exists (deleted outside AgentLab)")), "{error}");
+    let vanished = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.vm_vanished");
+    assert!(vanished.is_some(), "the reconciler marked it: {job}");
+    // The orphan goes; the untagged VM stays.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standin.vms().iter().any(|v| v.vmid == 100_900) {
+        assert!(Instant::now() < deadline, "the orphan was not destroyed: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<u32> = standin.vms().iter().map(|v| v.vmid).collect();
+    assert_eq!(left, vec![555]);
+}

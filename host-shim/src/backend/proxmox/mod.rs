@@ -107,7 +107,11 @@ impl ProxmoxBackend {
 /// Whether the `vhost_vsock` module this node needs for the vsock channel is loaded.
 /// Reads sysfs only: nothing here opens a vsock socket.
 pub fn vhost_vsock_check() -> Result<(), String> {
-    if std::path::Path::new("/sys/module/vhost_vsock").exists() || std::path::Path::new("/dev/vhost-vsock").exists() {
+    vhost_vsock_check_at(std::path::Path::new("/sys/module/vhost_vsock"), std::path::Path::new("/dev/vhost-vsock"))
+}
+
+fn vhost_vsock_check_at(module: &std::path::Path, device: &std::path::Path) -> Result<(), String> {
+    if module.exists() || device.exists() {
         Ok(())
     } else {
         Err("the vhost_vsock kernel module is not loaded, so guests get no vsock device and no agent can dial in: run `modprobe vhost_vsock` and add `vhost_vsock` to /etc/modules-load.d/agentlab.conf".into())
@@ -536,6 +540,16 @@ impl Sandbox for ProxmoxSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_vhost_vsock_module_says_how_to_load_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (module, device) = (dir.path().join("vhost_vsock"), dir.path().join("vhost-vsock"));
+        let err = vhost_vsock_check_at(&module, &device).unwrap_err();
+        assert!(err.contains("run `modprobe vhost_vsock`"), "{err}");
+        std::fs::create_dir(&module).unwrap();
+        assert_eq!(vhost_vsock_check_at(&module, &device), Ok(()));
+    }
 
     #[test]
     fn tags_round_trip_and_foreign_vms_are_not_ours() {

@@ -1,8 +1,9 @@
 //! VMIDs for new sandboxes, from a configured range. `/cluster/nextid` reserves
 //! nothing (two callers get the same id), so ids are handed out here: one daemon never
-//! gives the same id twice while it is held, ids seen in use in the cluster are
+//! gives the same id twice while it is held, and ids seen in use in the cluster are
 //! skipped. An id another client took first (`config file already exists`) stays held
-//! by the caller until its VM is gone, so it is not offered again.
+//! while the clone tries the next ones, and the search cursor moves past it, so it is
+//! not offered again at once. Several shims on one cluster need disjoint ranges.
 
 use std::collections::HashSet;
 use std::ops::RangeInclusive;
