@@ -549,3 +549,25 @@ async fn the_stand_in_locks_like_pve_and_nextid_reserves_nothing() {
         "configuring VM 300: Proxmox refused: HTTP 500 can't lock file '/var/lock/qemu-server/lock-300.conf' - got timeout (after 6 attempts)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_pve_without_json_messages_still_gives_its_text_and_warnings_are_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { legacy_errors: true, task_warnings: true, ..Options::default() };
+    let (standin, config) = setup(options.clone(), dir.path()).await;
+    let client = client_with_retry(&standin, &options, 1);
+    let e = client.call("reading VM 124's status", Method::Get, "/nodes/pve1/qemu/124/status/current", &[]).await;
+    assert_eq!(
+        e.unwrap_err().to_string(),
+        "reading VM 124's status: Proxmox refused: HTTP 500 Configuration file 'nodes/pve1/qemu-server/124.conf' does not exist"
+    );
+    // Every task ends `WARNINGS: 1`: the lifecycle goes through all the same.
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let mut vm = backend.provision(&request(1)).await.unwrap();
+    vm.boot().await.unwrap();
+    vm.destroy().await.unwrap();
+    assert_eq!(standin.vms(), vec![]);
+    let statuses =
+        standin.shared.lock().tasks.values().map(|t| t.exitstatus.clone().unwrap_or_default()).collect::<Vec<_>>();
+    assert!(statuses.len() >= 4 && statuses.iter().all(|s| s == "WARNINGS: 1"), "{statuses:?}");
+}

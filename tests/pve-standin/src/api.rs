@@ -501,6 +501,7 @@ where
     shared.lock().tasks.insert(upid.clone(), task);
     let delay = shared.options.task_duration + ctx.task_extra;
     let failure = ctx.task_failure.clone();
+    let warnings = shared.options.task_warnings;
     let key = upid.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -511,6 +512,12 @@ where
         let mut c = shared.lock();
         if let Some(t) = c.tasks.get_mut(&key) {
             match result {
+                Ok(mut log) if warnings => {
+                    t.log.append(&mut log);
+                    t.log.push("WARN: volume 'local-lvm:vm-disk' is not fully trimmed".into());
+                    t.log.push("TASK WARNINGS: 1".into());
+                    t.exitstatus = Some("WARNINGS: 1".into());
+                }
                 Ok(mut log) => {
                     t.log.append(&mut log);
                     t.log.push("TASK OK".into());

@@ -66,6 +66,11 @@ pub struct Options {
     pub token_id: String,
     pub token_secret: String,
     pub root_password: String,
+    /// Answer errors like libpve-http-server-perl before 5.2.0: the text only in the
+    /// reason phrase, the body `{"data": null}`.
+    pub legacy_errors: bool,
+    /// Tasks end with `WARNINGS: 1` (and a warning in their log) instead of `OK`.
+    pub task_warnings: bool,
 }
 
 impl Default for Options {
@@ -83,6 +88,8 @@ impl Default for Options {
             token_id: "agentlab@pve!shim".into(),
             token_secret: "5f8e2a8e-6d7c-4a53-9d0b-0c1d2e3f4a5b".into(),
             root_password: "stand-in-root-password".into(),
+            legacy_errors: false,
+            task_warnings: false,
         }
     }
 }

@@ -75,25 +75,32 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response
         match serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) {
             Ok(form) => params.extend(form),
             Err(e) => {
-                return Ok(reply(Reply::Error {
-                    status: 400,
-                    message: format!("unable to parse form: {e}"),
-                    errors: Default::default(),
-                }));
+                return Ok(reply(
+                    Reply::Error {
+                        status: 400,
+                        message: format!("unable to parse form: {e}"),
+                        errors: Default::default(),
+                    },
+                    shared.options.legacy_errors,
+                ));
             }
         }
     }
     match handle(&shared, &method, &path, params, creds).await {
         Reply::Drop => Err(Dropped),
-        other => Ok(reply(other)),
+        other => Ok(reply(other, shared.options.legacy_errors)),
     }
 }
 
-fn reply(r: Reply) -> Response<Full<Bytes>> {
+fn reply(r: Reply, legacy: bool) -> Response<Full<Bytes>> {
     let (status, reason, body) = match r {
         Reply::Data(data) => (200, None, json!({ "data": data })),
         Reply::Error { status, message, errors } => {
-            let mut body = json!({ "data": null, "message": format!("{message}\n") });
+            let mut body = if legacy {
+                json!({ "data": null })
+            } else {
+                json!({ "data": null, "message": format!("{message}\n") })
+            };
             if !errors.is_empty() {
                 body["errors"] = json!(errors);
             }
