@@ -71,7 +71,11 @@ impl Daemon {
     /// PR_SET_PDEATHSIG), so each such job is failed with that reason.
     fn settle_unfinished(&self) -> Result<(), DaemonError> {
         let (jobs, sandboxes) = self.store.unfinished()?;
-        let reason = "agentlabd stopped while this job was in flight; its sandbox did not survive";
+        let reason = if self.backend.name() == "proxmox" {
+            "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
+        } else {
+            "agentlabd stopped while this job was in flight; its sandbox did not survive"
+        };
         for job in jobs {
             let end = JobEnd { error: Some(reason.to_owned()), ..JobEnd::default() };
             self.store.transition_job(&job, JobState::Failed, Some(&end), Some(reason))?;
@@ -80,6 +84,11 @@ impl Daemon {
         for view in views.iter().filter(|v| sandboxes.contains(&v.id)) {
             if view.state.can_become(SandboxState::Failed) {
                 self.store.transition_sandbox(&view.id, SandboxState::Failed, Some(reason))?;
+            }
+            // A Proxmox VM outlives the daemon: the reconciler destroys it (after the
+            // orphan grace period) and then marks the sandbox DESTROYED.
+            if view.backend == "proxmox" {
+                continue;
             }
             self.store.transition_sandbox(&view.id, SandboxState::Destroyed, Some("cleaned up at start"))?;
             let _ = std::fs::remove_dir_all(self.config.qemu.run_dir.join(&view.id));

@@ -90,9 +90,14 @@ impl Daemon {
 
     /// SIGKILLs the daemon (no clean-up of any kind) and starts a new one on the same state.
     pub fn kill_and_restart(&mut self) {
+        self.kill_and_restart_with(&[]);
+    }
+
+    /// Like [`Daemon::kill_and_restart`], the new daemon started with `extra` arguments.
+    pub fn kill_and_restart_with(&mut self, extra: &[&str]) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = spawn_daemon(self.state.path(), &[]);
+        self.child = spawn_daemon(self.state.path(), extra);
     }
 
     /// Processes other than agentlabd whose command line names this daemon's state

@@ -19,10 +19,15 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Starts agentlabd with the proxmox backend configured for `standin`.
 fn daemon_for(standin: &StandIn, options: &Options, dir: &Path) -> Daemon {
+    Daemon::start_with(&daemon_args(standin, options, dir).iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// agentlabd's arguments for the proxmox backend against `standin` (config in `dir`).
+fn daemon_args(standin: &StandIn, options: &Options, dir: &Path) -> Vec<String> {
     let config = config_for(standin, options, dir);
     let path = dir.join("config.yaml");
     std::fs::write(&path, config_yaml(&config)).unwrap();
-    Daemon::start_with(&["--backend", "proxmox", "--config", path.to_str().unwrap()])
+    vec!["--backend".into(), "proxmox".into(), "--config".into(), path.display().to_string()]
 }
 
 #[test]
@@ -71,6 +76,7 @@ fn a_job_submitted_with_the_proxmox_backend_runs_in_a_real_microvm_and_its_vm_is
     assert_eq!(
         calls,
         [
+            "GET /version",
             "GET /cluster/resources",
             "POST /nodes/{node}/qemu/{vmid}/clone",
             "POST /access/ticket",
@@ -251,4 +257,47 @@ fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagge
     }
     let left: Vec<u32> = standin.vms().iter().map(|v| v.vmid).collect();
     assert_eq!(left, vec![555]);
+}
+
+/// Proxmox VMs outlive a killed daemon: the restarted one fails the job with the
+/// reason, and its reconciler destroys the VM and settles the sandbox.
+#[test]
+fn after_a_daemon_crash_the_restarted_daemon_fails_the_job_and_reconciles_its_vm_away() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let args = daemon_args(&standin, &options, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_with(&args);
+    let out = d.cli(&["--json", "job", "submit", "--cmd", "sleep 60"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (job_id, sandbox_id) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.job_json(job_id)["state"] != "RUNNING" {
+        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(standin.vms().len(), 1);
+
+    d.kill_and_restart_with(&args);
+    let job = d.job_json(job_id);
+    assert_eq!(job["state"], "FAILED");
+    assert_eq!(
+        job["error"],
+        "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
+        let sb = sandboxes.as_array().unwrap().iter().find(|s| s["id"] == sandbox_id).unwrap().clone();
+        if standin.vms().is_empty() && sb["state"] == "DESTROYED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "VMs {:?}, sandbox {sb}\n{}", standin.vms(), d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let job = d.job_json(job_id);
+    assert!(job["events"].as_array().unwrap().iter().any(|e| e["kind"] == "vm.orphan_destroyed"), "{job}");
 }

@@ -123,6 +123,10 @@ async fn run(args: Args) -> Result<(), String> {
                 );
             }
             let backend = Arc::new(ProxmoxBackend::new(pve).map_err(|e| e.to_string())?);
+            match backend.check_api().await {
+                Ok(version) => tracing::info!("Proxmox VE API reachable: {version}"),
+                Err(e) => tracing::warn!("jobs will fail until this is fixed: {e}"),
+            }
             (backend.clone() as Arc<dyn Backend>, Some(backend))
         }
     };

@@ -94,6 +94,15 @@ impl ProxmoxBackend {
         Ok(ProxmoxBackend { inner: Arc::new(inner) })
     }
 
+    /// Asks the API for its version: proves the address, the certificate pin and the
+    /// token in one request, at start, before any job depends on them.
+    pub async fn check_api(&self) -> Result<String, PveError> {
+        let op = format!("checking the Proxmox API at {}", self.inner.config.api_url);
+        let v = self.inner.client.call(&op, Method::Get, "/version", &[]).await?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+        Ok(format!("version {} (release {}) at {}", field("version"), field("release"), self.inner.config.api_url))
+    }
+
     /// The API client (for the reconciler and for counting requests).
     pub fn client(&self) -> &PveClient {
         &self.inner.client
