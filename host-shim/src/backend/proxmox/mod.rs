@@ -255,7 +255,8 @@ impl Inner {
                     continue;
                 }
                 Err(e) => {
-                    self.vmids.release(vmid);
+                    // Retries ran out: the clone may or may not have happened.
+                    self.abandon_if_ours(&node.name, vmid, &name).await;
                     return Err(e);
                 }
             }
@@ -286,6 +287,21 @@ impl Inner {
                 tracing::error!("removing the failed clone VM {vmid} on {node} (retried by the reconciler): {e}");
                 self.remember_failed_cleanup(node, vmid);
             }
+        }
+    }
+
+    /// After a clone whose effect is unknown: removes the VM only if it carries our
+    /// name. Another client's VM with that id (it may have won a race for it) is left
+    /// alone.
+    async fn abandon_if_ours(&self, node: &str, vmid: u32, name: &str) {
+        let op = format!("checking whether VM {vmid} on node {node} is the failed clone {name}");
+        let path = format!("/nodes/{node}/qemu/{vmid}/config");
+        match self.client.call(&op, Method::Get, &path, &[]).await {
+            Ok(cfg) if cfg.get("name").and_then(Value::as_str) == Some(name) => self.abandon(node, vmid).await,
+            Ok(_) => self.vmids.release(vmid),
+            Err(e) if e.is_missing_vm() => self.vmids.release(vmid),
+            // Unknown: keep the id held, so it is not offered again while it may be ours.
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 
