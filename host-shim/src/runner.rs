@@ -78,6 +78,13 @@ fn set_job(store: &Store, id: &str, to: JobState, end: Option<&JobEnd>, message:
     }
 }
 
+/// Keeps what the backend warned about (steps that succeeded with warnings).
+fn record_warnings(store: &Store, job: &QueuedJob, vm: &mut dyn Sandbox) {
+    for warning in vm.take_warnings() {
+        let _ = store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "sandbox.warning", &warning);
+    }
+}
+
 pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
     let finish = drive(&daemon, &job).await;
     set_job(&daemon.store, &job.job_id, finish.job, Some(&finish.end), Some(&finish.message));
@@ -130,6 +137,7 @@ async fn drive(daemon: &Daemon, job: &QueuedJob) -> Finish {
         "sandbox.provisioned",
         &format!("profile {}: {}", job.profile.name, vm.shape()),
     );
+    record_warnings(store, job, vm.as_mut());
 
     let finish = boot_and_run(daemon, job, vm.as_mut()).await;
     record(finish.sandbox, Some(&finish.message));
@@ -158,6 +166,7 @@ async fn boot_and_run(daemon: &Daemon, job: &QueuedJob, vm: &mut dyn Sandbox) ->
     if let Err(e) = vm.boot().await {
         return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
+    record_warnings(store, job, vm);
 
     let boot_timeout = daemon.config.boot_timeout;
     let stream: BoxedStream = tokio::select! {

@@ -9,7 +9,7 @@ use agentlab_host::backend::proxmox::ProxmoxBackend;
 use agentlab_host::backend::proxmox::client::{Method, PveClient};
 use agentlab_host::backend::proxmox::config::ProxmoxConfig;
 use agentlab_host::backend::proxmox::tls::TlsConfig;
-use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
+use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest, Sandbox};
 use agentlab_pve_standin::{FaultKind, NodeSpec, Options, StandIn};
 use agentlab_tests::pve::config_for;
 
@@ -564,7 +564,24 @@ async fn an_older_pve_without_json_messages_still_gives_its_text_and_warnings_ar
     // Every task ends `WARNINGS: 1`: the lifecycle goes through all the same.
     let backend = ProxmoxBackend::new(config).unwrap();
     let mut vm = backend.provision(&request(1)).await.unwrap();
+    let warnings = vm.take_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("cloning template 9000 on node pve1 to VM 100000: task UPID:pve1:"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0]
+            .contains(":qmclone:9000:agentlab@pve!shim: succeeded with 1 warning(s)\n--- task log (last lines) ---\n"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].ends_with("WARN: volume 'local-lvm:vm-disk' is not fully trimmed\nTASK WARNINGS: 1"),
+        "{warnings:?}"
+    );
+    assert_eq!(vm.take_warnings(), Vec::<String>::new(), "each warning is taken once");
     vm.boot().await.unwrap();
+    assert!(vm.take_warnings()[0].starts_with("starting VM 100000 on node pve1: task"));
     vm.destroy().await.unwrap();
     assert_eq!(standin.vms(), vec![]);
     let statuses =

@@ -301,3 +301,38 @@ fn after_a_daemon_crash_the_restarted_daemon_fails_the_job_and_reconciles_its_vm
     let job = d.job_json(job_id);
     assert!(job["events"].as_array().unwrap().iter().any(|e| e["kind"] == "vm.orphan_destroyed"), "{job}");
 }
+
+/// Tasks that end `WARNINGS: N` succeed, and their warnings land in the job's record.
+#[test]
+fn task_warnings_are_kept_with_the_job_and_it_still_completes() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") },
+        task_warnings: true,
+        ..Options::default()
+    };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let d = daemon_for(&standin, &options, dir.path());
+    let out = d.cli(&["job", "submit", "--follow", "--cmd", "echo warned"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "fake-agent ran: echo warned\n");
+    let jobs: Value = serde_json::from_slice(&d.cli(&["--json", "job", "list"]).stdout).unwrap();
+    let job = d.job_json(jobs[0]["id"].as_str().unwrap());
+    assert_eq!(job["state"], "COMPLETED");
+    let warnings: Vec<&str> = job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "sandbox.warning")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("cloning template 9000 on node pve1 to VM 100000: task UPID:pve1:"),
+        "{warnings:?}"
+    );
+    assert!(warnings[1].starts_with("starting VM 100000 on node pve1: task UPID:pve1:"), "{warnings:?}");
+    assert!(warnings.iter().all(|w| w.contains("succeeded with 1 warning(s)") && w.ends_with("TASK WARNINGS: 1")));
+    assert_eq!(standin.vms(), vec![]);
+}

@@ -91,6 +91,12 @@ pub trait Sandbox: Send {
     /// The last lines the guest and its devices printed, for error messages.
     fn diagnostics(&self) -> String;
 
+    /// Warnings from steps that succeeded (Proxmox tasks ending `WARNINGS: N`), each
+    /// once, for the job's record.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// What to check when the guest's agent never dialed in.
     fn dial_in_hint(&self) -> String {
         "the guest kernel or agent did not come up (see the console below; rebuild the image with `make image` if the agent is missing)".to_owned()

@@ -171,8 +171,8 @@ impl Inner {
         self.add_pending(&node.name, i64::from(req.memory_mb));
         let cloned = self.clone_vm(&node, req, &in_use).await;
         drop(in_use);
-        let vmid = match cloned {
-            Ok(vmid) => vmid,
+        let (vmid, clone_note) = match cloned {
+            Ok(done) => done,
             Err(e) => {
                 self.add_pending(&node.name, -i64::from(req.memory_mb));
                 return Err(e.into());
@@ -188,6 +188,7 @@ impl Inner {
             hybrid_dir: None,
             exit: None,
             pending_released: false,
+            warnings: clone_note.into_iter().collect(),
         };
         if let Err(e) = self.configure(&node.name, vmid, req).await {
             let _ = sandbox.teardown().await;
@@ -224,8 +225,9 @@ impl Inner {
         node: &NodeConfig,
         req: &ProvisionRequest,
         in_use: &HashSet<u32>,
-    ) -> Result<u32, PveError> {
+    ) -> Result<(u32, Option<String>), PveError> {
         let template = node.template_for(req.template_vmid);
+        let mut note = None;
         let mut skipped = Vec::new();
         for _ in 0..MAX_VMID_TRIES {
             let vmid = self.vmids.reserve(in_use).ok_or_else(|| {
@@ -243,9 +245,12 @@ impl Inner {
             match self.client.call_once(&op, Method::Post, &path, &params, check).await {
                 Ok(Outcome::Answered(data)) => {
                     let upid = task::upid_of(&op, &data)?;
-                    if let Err(e) = task::wait(&self.client, &op, &upid, self.task_timeout()).await {
-                        self.abandon(&node.name, vmid).await;
-                        return Err(e);
+                    match task::wait(&self.client, &op, &upid, self.task_timeout()).await {
+                        Ok(done) => note = done.note,
+                        Err(e) => {
+                            self.abandon(&node.name, vmid).await;
+                            return Err(e);
+                        }
                     }
                 }
                 Ok(Outcome::AlreadyApplied) => {}
@@ -268,7 +273,7 @@ impl Inner {
                 self.abandon(&node.name, vmid).await;
                 return Err(e);
             }
-            return Ok(vmid);
+            return Ok((vmid, note));
         }
         for id in &skipped {
             self.vmids.release(*id);
@@ -447,6 +452,8 @@ pub struct ProxmoxSandbox {
     hybrid_dir: Option<PathBuf>,
     exit: Option<VmExit>,
     pending_released: bool,
+    /// Tasks that succeeded with warnings, not yet taken for the record.
+    warnings: Vec<String>,
 }
 
 impl ProxmoxSandbox {
@@ -491,7 +498,8 @@ impl Sandbox for ProxmoxSandbox {
         match client.call_once(&op, Method::Post, &path, &[], check).await {
             Ok(Outcome::Answered(data)) => {
                 let upid = task::upid_of(&op, &data)?;
-                task::wait(client, &op, &upid, self.inner.task_timeout()).await?;
+                let done = task::wait(client, &op, &upid, self.inner.task_timeout()).await?;
+                self.warnings.extend(done.note);
             }
             Ok(Outcome::AlreadyApplied) => {}
             // A start whose answer was lost, repeated while the first one finished.
@@ -531,6 +539,10 @@ impl Sandbox for ProxmoxSandbox {
 
     fn accel(&self) -> Option<String> {
         None
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     fn shape(&self) -> String {

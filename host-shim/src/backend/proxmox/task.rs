@@ -20,6 +20,8 @@ const MAX_POLL: Duration = Duration::from_secs(2);
 pub struct TaskSuccess {
     /// `Some(n)` for `WARNINGS: n`.
     pub warnings: Option<u32>,
+    /// For a success with warnings: the operation, the task and its log's end, to record.
+    pub note: Option<String>,
 }
 
 /// Percent-encodes a UPID for a path segment (it contains `:`, `@` and `!`).
@@ -39,10 +41,10 @@ fn encode_segment(text: &str) -> String {
 pub fn classify_exitstatus(exitstatus: &str) -> Result<TaskSuccess, String> {
     let text = exitstatus.trim();
     if text == "OK" {
-        return Ok(TaskSuccess { warnings: None });
+        return Ok(TaskSuccess { warnings: None, note: None });
     }
     if let Some(n) = text.strip_prefix("WARNINGS: ").and_then(|n| n.trim().parse().ok()) {
-        return Ok(TaskSuccess { warnings: Some(n) });
+        return Ok(TaskSuccess { warnings: Some(n), note: None });
     }
     Err(if text.is_empty() { "the task stopped without an exit status".to_owned() } else { text.to_owned() })
 }
@@ -58,10 +60,12 @@ pub async fn wait(client: &PveClient, op: &str, upid: &Upid, timeout: Duration) 
         if status.get("status").and_then(Value::as_str) == Some("stopped") {
             let exitstatus = status.get("exitstatus").and_then(Value::as_str).unwrap_or_default();
             return match classify_exitstatus(exitstatus) {
-                Ok(success) => {
+                Ok(mut success) => {
                     if let Some(n) = success.warnings {
                         let log = log_lines(client, op, upid).await.unwrap_or_default();
-                        tracing::warn!("{op}: task {upid} succeeded with {n} warning(s){}", log_tail(&log));
+                        let note = format!("{op}: task {upid} succeeded with {n} warning(s){}", log_tail(&log));
+                        tracing::warn!("{note}");
+                        success.note = Some(note);
                     }
                     Ok(success)
                 }
@@ -108,8 +112,8 @@ mod tests {
 
     #[test]
     fn exit_statuses() {
-        assert_eq!(classify_exitstatus("OK"), Ok(TaskSuccess { warnings: None }));
-        assert_eq!(classify_exitstatus("WARNINGS: 3"), Ok(TaskSuccess { warnings: Some(3) }));
+        assert_eq!(classify_exitstatus("OK"), Ok(TaskSuccess { warnings: None, note: None }));
+        assert_eq!(classify_exitstatus("WARNINGS: 3"), Ok(TaskSuccess { warnings: Some(3), note: None }));
         assert_eq!(
             classify_exitstatus("clone failed: storage 'local-lvm' is full"),
             Err("clone failed: storage 'local-lvm' is full".to_owned())
