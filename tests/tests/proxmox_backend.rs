@@ -9,7 +9,7 @@ use agentlab_host::backend::proxmox::ProxmoxBackend;
 use agentlab_host::backend::proxmox::client::{Method, PveClient};
 use agentlab_host::backend::proxmox::config::ProxmoxConfig;
 use agentlab_host::backend::proxmox::tls::TlsConfig;
-use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest, Sandbox};
+use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
 use agentlab_pve_standin::{FaultKind, NodeSpec, Options, StandIn};
 use agentlab_tests::pve::config_for;
 
