@@ -53,8 +53,8 @@ impl Drop for Agentlabd {
     }
 }
 
-/// API requests the shim's lifecycles made (the reconciler's listings and the one-off
-/// root@pam login aside).
+/// API requests the shim's lifecycles made (the shared VM listings of the reconciler
+/// and the state watch, and the one-off root@pam login, aside).
 fn lifecycle_requests(standin: &StandIn) -> usize {
     standin
         .recorded()

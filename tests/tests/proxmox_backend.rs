@@ -588,3 +588,36 @@ async fn an_older_pve_without_json_messages_still_gives_its_text_and_warnings_ar
         standin.shared.lock().tasks.values().map(|t| t.exitstatus.clone().unwrap_or_default()).collect::<Vec<_>>();
     assert!(statuses.len() >= 4 && statuses.iter().all(|s| s == "WARNINGS: 1"), "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shared_listing_watches_every_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (standin, mut config) = setup(Options::default(), dir.path()).await;
+    config.status_poll_secs = 1;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let mut vms = Vec::new();
+    for n in 0..20 {
+        let mut vm = backend.provision(&request(n)).await.unwrap();
+        vm.boot().await.unwrap();
+        vms.push(vm);
+    }
+    let listings = || standin.recorded().iter().filter(|r| r.params.get("type").is_some_and(|t| t == "vm")).count();
+    let before = listings();
+    // 20 watchers for 3.5 s: none of their VMs stops.
+    let watched = futures::future::join_all(
+        vms.iter_mut().map(|vm| tokio::time::timeout(Duration::from_millis(3500), vm.exited())),
+    )
+    .await;
+    assert!(watched.iter().all(Result::is_err), "a running VM was reported stopped");
+    let polls = listings() - before;
+    assert!((3..=5).contains(&polls), "{polls} listings for 20 VMs over 3.5 s at one per second");
+    // A VM stopped outside AgentLab is noticed by the next listing.
+    let vmid = standin.vms()[3].vmid;
+    standin.shared.lock().vms.get_mut(&vmid).unwrap().running = false;
+    let exit = tokio::time::timeout(Duration::from_secs(5), vms[3].exited()).await.unwrap();
+    assert_eq!(exit.description, format!("VM {vmid} on node pve1 is stopped"));
+    for vm in vms {
+        vm.destroy().await.unwrap();
+    }
+    assert_eq!(standin.vms(), vec![]);
+}

@@ -13,6 +13,7 @@ pub mod task;
 pub mod tls;
 pub mod upid;
 pub mod vmid;
+mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -71,6 +72,8 @@ struct Inner {
     /// before it was tagged is invisible to the reconciler's tag rule, so the daemon
     /// remembers it and the reconciler retries it each pass.
     failed_cleanups: Mutex<Vec<(String, u32)>>,
+    /// The shared VM state poller's output (see watch.rs).
+    listings: tokio::sync::OnceCell<watch::Listings>,
 }
 
 impl ProxmoxBackend {
@@ -89,6 +92,7 @@ impl ProxmoxBackend {
             vmids: VmidPool::new(first..=last),
             pending_mb: Mutex::default(),
             failed_cleanups: Mutex::default(),
+            listings: tokio::sync::OnceCell::new(),
             config,
         };
         Ok(ProxmoxBackend { inner: Arc::new(inner) })
@@ -189,6 +193,7 @@ impl Inner {
             exit: None,
             pending_released: false,
             warnings: clone_note.into_iter().collect(),
+            started_at: None,
         };
         if let Err(e) = self.configure(&node.name, vmid, req).await {
             let _ = sandbox.teardown().await;
@@ -432,16 +437,6 @@ fn status_of(current: Option<&Value>) -> Option<&str> {
     current.and_then(|c| c.get("status")).and_then(Value::as_str)
 }
 
-/// `status/current`'s status (`running`, `stopped`), or None if the VM does not exist.
-async fn vm_status(client: &PveClient, op: &str, node: &str, vmid: u32) -> Result<Option<String>, PveError> {
-    let path = format!("/nodes/{node}/qemu/{vmid}/status/current");
-    match client.call(op, Method::Get, &path, &[]).await {
-        Ok(v) => Ok(Some(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned())),
-        Err(e) if e.is_missing_vm() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 pub struct ProxmoxSandbox {
     inner: Arc<Inner>,
     node: String,
@@ -454,6 +449,8 @@ pub struct ProxmoxSandbox {
     pending_released: bool,
     /// Tasks that succeeded with warnings, not yet taken for the record.
     warnings: Vec<String>,
+    /// When the start was confirmed.
+    started_at: Option<tokio::time::Instant>,
 }
 
 impl ProxmoxSandbox {
@@ -506,6 +503,7 @@ impl Sandbox for ProxmoxSandbox {
             Err(e) if e.api().is_some_and(|a| a.text().contains("already running")) => {}
             Err(e) => return Err(e.into()),
         }
+        self.started_at = Some(tokio::time::Instant::now());
         // Proxmox counts a running VM's memory itself from now on.
         self.release_pending();
         Ok(())
@@ -515,21 +513,21 @@ impl Sandbox for ProxmoxSandbox {
         if let Some(exit) = &self.exit {
             return exit.clone();
         }
-        let poll = Duration::from_secs(self.inner.config.status_poll_secs.max(1));
-        let op = format!("checking VM {} on node {}", self.vmid, self.node);
+        // Only listings taken after the VM started say anything about it.
+        let Some(started) = self.started_at else { return std::future::pending().await };
+        let mut listings = watch::subscribe(&self.inner).await;
         loop {
-            tokio::time::sleep(poll).await;
-            let description = match vm_status(&self.inner.client, &op, &self.node, self.vmid).await {
-                Ok(Some(s)) if s == "running" => continue,
-                Ok(Some(s)) => format!("VM {} on node {} is {s}", self.vmid, self.node),
-                Ok(None) => {
-                    format!("VM {} on node {} no longer exists (deleted outside AgentLab)", self.vmid, self.node)
-                }
-                // The API being unreachable says nothing about the VM.
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    continue;
-                }
+            if listings.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let Some(listing) = listings.borrow_and_update().clone() else { continue };
+            if listing.taken_at < started {
+                continue;
+            }
+            let description = match listing.states.get(&self.vmid).map(String::as_str) {
+                Some("running") => continue,
+                Some(state) => format!("VM {} on node {} is {state}", self.vmid, self.node),
+                None => format!("VM {} on node {} no longer exists (deleted outside AgentLab)", self.vmid, self.node),
             };
             let exit = VmExit { description };
             self.exit = Some(exit.clone());
