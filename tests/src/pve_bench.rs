@@ -36,6 +36,17 @@ impl Agentlabd {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// `agentlab job submit` started, not waited for.
+    fn spawn_submit(&self, cmd: &str) -> Child {
+        Command::new(self.bin_dir.join("agentlab"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--json", "job", "submit", "--cmd", cmd])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     fn wait_for(&self, what: &str, done: impl Fn(&Store) -> bool) {
         let store = Store::open(&self.db).unwrap();
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -124,23 +135,34 @@ pub async fn proxmox_figures(bin_dir: &Path, profiles_dir: &Path) {
     println!("proxmox: API requests per sandbox lifecycle {per_lifecycle:8.1}    (mean of {SEQUENTIAL}; goal <= 12)");
     assert!(standin.vms().is_empty());
 
-    // Lifecycles per second, 50 at once, against one at a time.
-    let started = Instant::now();
-    tokio::task::block_in_place(|| {
-        for i in 0..CONCURRENT {
-            d_ref.submit(&format!("echo par-{i}"), false);
-        }
-        d_ref.wait_for("50 concurrent lifecycles", |s| {
-            let jobs = s.jobs(10_000).unwrap();
-            let sandboxes = s.sandboxes().unwrap();
-            jobs.iter().all(|j| j.state.is_terminal()) && sandboxes.iter().all(|sb| sb.state == SandboxState::Destroyed)
+    // Lifecycles per second, 50 submitted at once (the CLIs started together), against
+    // one at a time; median of 3 rounds.
+    let mut rates = Vec::new();
+    for round in 0..3 {
+        let started = Instant::now();
+        tokio::task::block_in_place(|| {
+            let clis: Vec<Child> =
+                (0..CONCURRENT).map(|i| d_ref.spawn_submit(&format!("echo par-{round}-{i}"))).collect();
+            for mut cli in clis {
+                assert!(cli.wait().unwrap().success());
+            }
+            d_ref.wait_for("50 concurrent lifecycles", |s| {
+                let jobs = s.jobs(10_000).unwrap();
+                let sandboxes = s.sandboxes().unwrap();
+                jobs.iter().all(|j| j.state.is_terminal())
+                    && sandboxes.iter().all(|sb| sb.state == SandboxState::Destroyed)
+            });
         });
-    });
-    let concurrent_s = started.elapsed().as_secs_f64();
-    let rate = CONCURRENT as f64 / concurrent_s;
+        rates.push(CONCURRENT as f64 / started.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let rate = rates[1];
     let sequential_rate = SEQUENTIAL as f64 / sequential_s;
     println!(
-        "proxmox: lifecycles/s at {CONCURRENT} concurrent       {rate:8.1}    ({:.1}x one at a time: {sequential_rate:.1}/s)",
+        "proxmox: lifecycles/s at {CONCURRENT} concurrent       {rate:8.1}    (median of 3: {:.1} {:.1} {:.1}; {:.1}x one at a time: {sequential_rate:.1}/s)",
+        rates[0],
+        rates[1],
+        rates[2],
         rate / sequential_rate
     );
     let failed =
