@@ -621,3 +621,22 @@ async fn one_shared_listing_watches_every_running_vm() {
     }
     assert_eq!(standin.vms(), vec![]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_root_ticket_is_renewed_once_and_a_wrong_password_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (standin, config) = setup(Options::default(), dir.path()).await;
+    let backend = ProxmoxBackend::new(config.clone()).unwrap();
+    backend.provision(&request(1)).await.unwrap().destroy().await.unwrap();
+    // Every ticket issued so far stops working.
+    standin.shared.lock().tickets.clear();
+    backend.provision(&request(2)).await.unwrap().destroy().await.unwrap();
+    let logins = standin.recorded().iter().filter(|r| r.template == "/access/ticket").count();
+    assert_eq!(logins, 2, "one login, one renewal");
+
+    std::fs::write(config.root_password_file.as_ref().unwrap(), "wrong").unwrap();
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let e = backend.provision(&request(3)).await.err().unwrap().to_string();
+    assert_eq!(e, "logging in as root@pam to set VM 100000's args: Proxmox refused: HTTP 401 authentication failure");
+    assert_eq!(standin.vms(), vec![], "the VM made before the failed login is destroyed");
+}

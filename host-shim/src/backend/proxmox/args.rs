@@ -55,20 +55,30 @@ impl ArgsSetter {
         match self.via {
             ArgsVia::Ticket => {
                 let path = format!("/nodes/{node}/qemu/{vmid}/config");
-                let (ticket, csrf) = self.ticket(client).await?;
+                let (ticket, csrf) = self.ticket(client, vmid).await?;
                 let auth = Auth::Ticket { ticket: &ticket, csrf: &csrf };
-                client.call_as(op, Method::Put, &path, params, &auth).await.map(|_| ())
+                match client.call_as(op, Method::Put, &path, params, &auth).await {
+                    // The ticket expired or was revoked early (a restarted cluster, a
+                    // changed password): log in again, once.
+                    Err(e) if e.api().is_some_and(|a| a.status == 401) => {
+                        *self.ticket.lock().await = None;
+                        let (ticket, csrf) = self.ticket(client, vmid).await?;
+                        let auth = Auth::Ticket { ticket: &ticket, csrf: &csrf };
+                        client.call_as(op, Method::Put, &path, params, &auth).await.map(|_| ())
+                    }
+                    other => other.map(|_| ()),
+                }
             }
             ArgsVia::Qm => self.qm_set(op, vmid, params).await,
         }
     }
 
-    async fn ticket(&self, client: &PveClient) -> Result<(String, String), PveError> {
+    async fn ticket(&self, client: &PveClient, vmid: u32) -> Result<(String, String), PveError> {
         let mut cached = self.ticket.lock().await;
         if let Some(t) = cached.as_ref().filter(|t| t.at.elapsed() < TICKET_RENEW_AFTER) {
             return Ok((t.ticket.clone(), t.csrf.clone()));
         }
-        let op = "logging in as root@pam for the args option";
+        let op = &format!("logging in as root@pam to set VM {vmid}'s args");
         let password = self
             .root_password
             .clone()
