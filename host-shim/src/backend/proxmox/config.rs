@@ -206,6 +206,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_docs_proxmox_md_loads() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROXMOX.md")).unwrap();
+        let start = doc.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let yaml = &doc[start..start + doc[start..].find("```").unwrap()];
+        let p = parse(yaml).unwrap().proxmox.unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.vmid_range, [100_000, 109_999]);
+        assert_eq!(p.nodes[0].template_for(9000), 9000);
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let err = parse("proxmox:\n  api_url: x\n  tokn_id: y\n").unwrap_err();
         assert!(err.contains("proxmox: unknown field `tokn_id`"), "{err}");
