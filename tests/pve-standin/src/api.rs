@@ -122,7 +122,14 @@ pub async fn handle(
         Some(FaultKind::LockTimeout) => {
             let wait = if is_clone { 1.0 } else { 10.0 };
             tokio::time::sleep(Duration::from_secs_f64(wait * scale)).await;
-            let msg = shared.faults().record(FaultKind::LockTimeout, lock_timeout_text(vmid_param));
+            let mut f = shared.faults();
+            // A clone also allocates storage, under the storage's own lock.
+            let text = if is_clone && f.coin() {
+                "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout".to_owned()
+            } else {
+                lock_timeout_text(vmid_param)
+            };
+            let msg = f.record(FaultKind::LockTimeout, text);
             return err(500, msg);
         }
         Some(FaultKind::VmLocked) => {
