@@ -336,3 +336,40 @@ fn task_warnings_are_kept_with_the_job_and_it_still_completes() {
     assert!(warnings.iter().all(|w| w.contains("succeeded with 1 warning(s)") && w.ends_with("TASK WARNINGS: 1")));
     assert_eq!(standin.vms(), vec![]);
 }
+
+/// The stand-in as a program: it prints how to reach it, and serves.
+#[test]
+fn the_pve_standin_binary_prints_its_address_fingerprint_and_token_and_serves() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(agentlab_tests::bin("pve-standin"))
+        .args(["--nodes", "2", "--pve", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let info: Value = serde_json::from_str(&line).unwrap();
+    let (token_id, secret) = info["token"].as_str().unwrap().split_once('=').unwrap();
+    use agentlab_host::backend::proxmox::client::{ConnectionConfig, Method, PveClient, Secret};
+    let client = PveClient::new(&ConnectionConfig {
+        api_url: info["url"].as_str().unwrap().to_owned(),
+        token_id: token_id.to_owned(),
+        token_secret: Secret(secret.to_owned()),
+        tls: agentlab_host::backend::proxmox::tls::TlsConfig {
+            fingerprint: Some(info["fingerprint"].as_str().unwrap().to_owned()),
+            ..Default::default()
+        },
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        retry: Default::default(),
+    })
+    .unwrap();
+    let rt = runtime();
+    let nodes = rt.block_on(client.call("listing nodes", Method::Get, "/nodes", &[])).unwrap();
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pve1", "pve2"]);
+    let version = rt.block_on(client.call("version", Method::Get, "/version", &[])).unwrap();
+    assert_eq!(version["release"], "8.0");
+    let _ = child.kill();
+    let _ = child.wait();
+}
