@@ -548,6 +548,21 @@ async fn the_stand_in_locks_like_pve_and_nextid_reserves_nothing() {
         e,
         "configuring VM 300: Proxmox refused: HTTP 500 can't lock file '/var/lock/qemu-server/lock-300.conf' - got timeout (after 6 attempts)"
     );
+    // Tasks take the lock too: a start waits for it inside its task, then fails.
+    let upid = client.call("starting VM 300", Method::Post, "/nodes/pve1/qemu/300/status/start", &[]).await.unwrap();
+    let task = agentlab_host::backend::proxmox::upid::Upid::parse(upid.as_str().unwrap()).unwrap();
+    assert_eq!((task.kind.as_str(), task.id.as_str()), ("qmstart", "300"));
+    let e = agentlab_host::backend::proxmox::task::wait(&client, "starting VM 300", &task, Duration::from_secs(10))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "starting VM 300: task {task} failed: can't lock file '/var/lock/qemu-server/lock-300.conf' - got timeout"
+        )),
+        "{e}"
+    );
+    assert!(e.ends_with("TASK ERROR: can't lock file '/var/lock/qemu-server/lock-300.conf' - got timeout"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -628,21 +628,28 @@ fn start(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
     };
     let args = ctx.shared.lock().vms.get(&vmid).and_then(|v| v.config.get("args").cloned());
     let shared = ctx.shared.clone();
-    spawn_task(ctx, node, "qmstart", &vmid.to_string(), async move {
-        let cid = args.as_deref().and_then(guest::cid_from_args);
-        let handle = guest::start(shared.clone(), vmid, cid, cores, memory).await?;
-        let mut c = shared.lock();
-        match c.vms.get_mut(&vmid) {
-            Some(vm) => {
-                vm.running = true;
-                if let Some(h) = handle {
-                    c.guests.insert(vmid, h);
+    let locked = ctx.shared.clone();
+    spawn_task(
+        ctx,
+        node,
+        "qmstart",
+        &vmid.to_string(),
+        with_config_lock(locked, vmid, async move {
+            let cid = args.as_deref().and_then(guest::cid_from_args);
+            let handle = guest::start(shared.clone(), vmid, cid, cores, memory).await?;
+            let mut c = shared.lock();
+            match c.vms.get_mut(&vmid) {
+                Some(vm) => {
+                    vm.running = true;
+                    if let Some(h) = handle {
+                        c.guests.insert(vmid, h);
+                    }
+                    Ok(vec![format!("start VM {vmid}: UPID")])
                 }
-                Ok(vec![format!("start VM {vmid}: UPID")])
+                None => Err(format!("VM {vmid} vanished during start")),
             }
-            None => Err(format!("VM {vmid} vanished during start")),
-        }
-    })
+        }),
+    )
 }
 
 fn stop(ctx: &Ctx, node: &str, vmid: u32, kind: &str, p: &BTreeMap<String, String>) -> Reply {
@@ -655,20 +662,27 @@ fn stop(ctx: &Ctx, node: &str, vmid: u32, kind: &str, p: &BTreeMap<String, Strin
     }
     let timeout = Duration::from_secs(u64::from(int(p, "timeout")).max(1));
     let shared = ctx.shared.clone();
-    spawn_task(ctx, node, kind, &vmid.to_string(), async move {
-        let running = shared.lock().vms.get(&vmid).is_some_and(|v| v.running);
-        if !running {
-            return Ok(vec![format!("VM {vmid} not running")]);
-        }
-        let handle = shared.lock().guests.remove(&vmid);
-        if let Some(h) = handle {
-            h.stop_and_wait(timeout).await;
-        }
-        if let Some(vm) = shared.lock().vms.get_mut(&vmid) {
-            vm.running = false;
-        }
-        Ok(vec![format!("VM {vmid} stopped")])
-    })
+    let locked = ctx.shared.clone();
+    spawn_task(
+        ctx,
+        node,
+        kind,
+        &vmid.to_string(),
+        with_config_lock(locked, vmid, async move {
+            let running = shared.lock().vms.get(&vmid).is_some_and(|v| v.running);
+            if !running {
+                return Ok(vec![format!("VM {vmid} not running")]);
+            }
+            let handle = shared.lock().guests.remove(&vmid);
+            if let Some(h) = handle {
+                h.stop_and_wait(timeout).await;
+            }
+            if let Some(vm) = shared.lock().vms.get_mut(&vmid) {
+                vm.running = false;
+            }
+            Ok(vec![format!("VM {vmid} stopped")])
+        }),
+    )
 }
 
 fn destroy(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
@@ -683,18 +697,38 @@ fn destroy(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
         }
     }
     let shared = ctx.shared.clone();
-    spawn_task(ctx, node, "qmdestroy", &vmid.to_string(), async move {
-        let mut c = shared.lock();
-        match c.vms.get(&vmid) {
-            Some(vm) if vm.running => Err(format!("VM {vmid} is running - destroy failed")),
-            Some(_) => {
-                c.vms.remove(&vmid);
-                Ok(vec![
-                    format!("Removing image: 100% complete...done."),
-                    format!("purging VM {vmid} from related configurations.."),
-                ])
+    let locked = ctx.shared.clone();
+    spawn_task(
+        ctx,
+        node,
+        "qmdestroy",
+        &vmid.to_string(),
+        with_config_lock(locked, vmid, async move {
+            let mut c = shared.lock();
+            match c.vms.get(&vmid) {
+                Some(vm) if vm.running => Err(format!("VM {vmid} is running - destroy failed")),
+                Some(_) => {
+                    c.vms.remove(&vmid);
+                    Ok(vec![
+                        format!("Removing image: 100% complete...done."),
+                        format!("purging VM {vmid} from related configurations.."),
+                    ])
+                }
+                None => Err(format!("Configuration file 'nodes/.../qemu-server/{vmid}.conf' does not exist")),
             }
-            None => Err(format!("Configuration file 'nodes/.../qemu-server/{vmid}.conf' does not exist")),
-        }
-    })
+        }),
+    )
+}
+
+/// A task's work under the VM's config file lock, as qemu-server's tasks run: waits
+/// 10 s (scaled) for it, else fails with PVE's lock timeout text.
+async fn with_config_lock<F>(shared: Arc<Shared>, vmid: u32, work: F) -> Result<Vec<String>, String>
+where
+    F: std::future::Future<Output = Result<Vec<String>, String>>,
+{
+    let wait = Duration::from_secs_f64(10.0 * shared.options.lock_wait_scale);
+    let Ok(owner) = file_lock(&shared, vmid, wait).await else { return Err(lock_timeout_text(vmid)) };
+    let result = work.await;
+    file_unlock(&shared, vmid, owner);
+    result
 }
