@@ -67,8 +67,9 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// A previous daemon died mid-job. Its VMs died with it (they are started with
-    /// PR_SET_PDEATHSIG), so each such job is failed with that reason.
+    /// A previous daemon died mid-job. Its local VMs died with it (they are started
+    /// with PR_SET_PDEATHSIG); Proxmox VMs did not, and are the reconciler's. Each
+    /// such job is failed with that reason.
     fn settle_unfinished(&self) -> Result<(), DaemonError> {
         let (jobs, sandboxes) = self.store.unfinished()?;
         let reason = if self.backend.name() == "proxmox" {
