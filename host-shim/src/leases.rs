@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
 use crate::api::SandboxView;
@@ -20,7 +19,7 @@ use crate::store::now_ms;
 pub struct KeptSandbox {
     pub job_id: String,
     pub vm: Box<dyn Sandbox>,
-    pub session: HostSession<UnixStream>,
+    pub session: HostSession<crate::agent_listener::BoxedStream>,
     /// Keeps refusing (and recording) other connections to the agent port.
     pub refuser: JoinHandle<()>,
     /// Its share of the host's budget, held until it is destroyed.

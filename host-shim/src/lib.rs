@@ -1,6 +1,7 @@
 //! agentlabd, the host shim, and the library behind `agentlab`, its CLI.
 
 pub mod admission;
+pub mod agent_listener;
 pub mod api;
 pub mod artifacts;
 pub mod backend;
@@ -20,3 +21,4 @@ pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod vsock_hub;

@@ -27,6 +27,11 @@ impl Daemon {
             let in_session =
                 job.state == JobState::Running || matches!(sandbox.state, SandboxState::Ready | SandboxState::Running);
             let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
+                // A Proxmox VM is the reconciler's: it destroys it, then marks the sandbox.
+                _ if sandbox.backend == "proxmox" => {
+                    "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
+                        .to_owned()
+                }
                 (true, Some(vm)) => match self.take_back(&job, &sandbox, vm) {
                     Ok(()) => {
                         resumed.insert(sandbox.id.clone());
@@ -53,6 +58,9 @@ impl Daemon {
             if view.state.can_become(SandboxState::Failed) {
                 let reason = "agentlabd stopped while this sandbox was in use";
                 self.store.transition_sandbox(id, SandboxState::Failed, Some(reason))?;
+            }
+            if view.backend == "proxmox" {
+                continue;
             }
             self.store.transition_sandbox(id, SandboxState::Destroyed, Some("cleaned up at start"))?;
             self.backend.discard(id);

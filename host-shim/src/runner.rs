@@ -5,17 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentlab_protocol::transport::hybrid;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, ArtifactRequest, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome,
-    JobResult, JobSpec, OutputChunk, OutputStream, SecretBundle,
+    ArtifactRequest, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome, JobResult, JobSpec,
+    OutputChunk, OutputStream, SecretBundle,
 };
 use agentlab_redact::{RedactStream, Redactor};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::admission::{Admitted, Need};
-use crate::backend::{ChannelEndpoint, ProvisionRequest, Sandbox};
+use crate::agent_listener::{AgentListener, BoxedStream};
+use crate::backend::{ProvisionRequest, Sandbox};
 use crate::channel::{HostSession, SessionObserver, sanitize_guest_text};
 use crate::daemon::Daemon;
 use crate::joblog::JobLog;
@@ -62,8 +61,8 @@ pub struct QueuedJob {
 
 /// A sandbox whose job reported: its agent's session is still open.
 struct Held {
-    session: HostSession<UnixStream>,
-    listener: UnixListener,
+    session: HostSession<BoxedStream>,
+    listener: AgentListener,
 }
 
 /// How a job ended, before it is written down.
@@ -97,6 +96,13 @@ fn set_sandbox(store: &Store, id: &str, to: SandboxState, message: Option<&str>)
 fn set_job(store: &Store, id: &str, to: JobState, end: Option<&JobEnd>, message: Option<&str>) {
     if let Err(e) = store.transition_job(id, to, end, message) {
         tracing::error!(job = id, "recording {to}: {e}");
+    }
+}
+
+/// Keeps what the backend warned about (steps that succeeded with warnings).
+fn record_warnings(store: &Store, job: &QueuedJob, vm: &mut dyn Sandbox) {
+    for warning in vm.take_warnings() {
+        let _ = store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "sandbox.warning", &warning);
     }
 }
 
@@ -145,6 +151,10 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         let resources = &job.profile.resources;
         let req = ProvisionRequest {
             sandbox_id: sb.to_owned(),
+            job_id: job.job_id.clone(),
+            template_vmid: job.profile.template_vmid,
+            bridge: (job.profile.network.mode != crate::profile::NetworkMode::Off)
+                .then(|| job.profile.network.bridge.clone()),
             console_log,
             cores: resources.cores,
             memory_mb: resources.memory_mb,
@@ -174,6 +184,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
         "sandbox.provisioned",
         &format!("profile {}: {}", job.profile.name, vm.shape()),
     );
+    record_warnings(store, job, vm.as_mut());
 
     let mut held = None;
     let finish = boot_and_run(daemon, job, vm.as_mut(), secrets, &mut held).await;
@@ -235,19 +246,19 @@ async fn resume_session(
     stored_through: Option<u64>,
 ) -> (Finish, Option<Held>) {
     let sb = job.sandbox_id.as_str();
-    let ChannelEndpoint::Hybrid { uds } = vm.channel() else {
-        return (Finish::failed(SandboxState::Failed, format!("sandbox {sb} cannot be resumed over AF_VSOCK")), None);
-    };
-    let listener = match hybrid::listen(&uds, AGENT_VSOCK_PORT) {
+    let mut listener = match AgentListener::listen(&vm.channel()) {
         Ok(l) => l,
         Err(e) => {
-            return (Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}")), None);
+            return (
+                Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}")),
+                None,
+            );
         }
     };
     job.phase.send_replace("reconnecting");
     let stream = tokio::select! {
         accepted = tokio::time::timeout(RESUME_WAIT, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => stream,
+            Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return (Finish::failed(SandboxState::Failed, format!("accepting sandbox {sb}'s agent: {e}")), None),
             Err(_) => return (Finish::failed(
                 SandboxState::Failed,
@@ -274,11 +285,10 @@ async fn resume_session(
 /// its lease ends or `agentlab sandbox destroy`.
 fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held, admitted: Admitted) {
     let (owner, job_id, sandbox_id) = (daemon.clone(), job.job_id.clone(), job.sandbox_id.clone());
-    let listener = held.listener;
-    let refuser =
-        tokio::spawn(
-            async move { match refuse_further_sessions(&listener, &owner.store, &job_id, &sandbox_id).await {} },
-        );
+    let mut listener = held.listener;
+    let refuser = tokio::spawn(async move {
+        match refuse_further_sessions(&mut listener, &owner.store, &job_id, &sandbox_id).await {}
+    });
     let lease = daemon.store.sandbox(&job.sandbox_id).ok().and_then(|s| s.lease_expires_at_ms).map_or_else(
         || "it has no lease end".to_owned(),
         |ms| format!("its lease ends {}", crate::cli::render_time(ms)),
@@ -347,17 +357,8 @@ async fn boot_and_run(
 ) -> Finish {
     let store = &daemon.store;
     let sb = job.sandbox_id.as_str();
-    let uds = match vm.channel() {
-        ChannelEndpoint::Hybrid { uds } => uds,
-        ChannelEndpoint::Vsock { cid } => {
-            return Finish::failed(
-                SandboxState::Failed,
-                format!("sandbox {sb} wants AF_VSOCK CID {cid}, which this agentlabd build does not listen on yet"),
-            );
-        }
-    };
     // Listen before the VM starts: the agent dials as soon as its kernel is up.
-    let listener = match hybrid::listen(&uds, AGENT_VSOCK_PORT) {
+    let mut listener = match AgentListener::listen(&vm.channel()) {
         Ok(l) => l,
         Err(e) => {
             return Finish::failed(SandboxState::Failed, format!("cannot listen for sandbox {sb}'s agent: {e}"));
@@ -370,17 +371,18 @@ async fn boot_and_run(
         daemon.metrics.backend_error("boot");
         return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
+    record_warnings(store, job, vm);
 
     let boot_timeout = daemon.config.boot_timeout;
     let mut cancelled = job.cancelled.clone();
-    let stream: UnixStream = tokio::select! {
+    let stream: BoxedStream = tokio::select! {
         biased;
         Ok(reason) = cancelled.wait_for(Option::is_some) => {
             let reason = reason.clone().unwrap_or_default();
             return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason} while it booted"));
         }
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => {
+            Ok(Ok(stream)) => {
                 daemon.metrics.booted(booting.elapsed());
                 stream
             }
@@ -390,8 +392,9 @@ async fn boot_and_run(
                 return Finish::failed(
                 SandboxState::Timeout,
                 format!(
-                    "sandbox {sb}: the guest agent did not dial in within {} s; the guest kernel or agent did not come up (see the console below; rebuild the image with `make image` if the agent is missing)\n{}",
+                    "sandbox {sb}: the guest agent did not dial in within {} s; {}\n{}",
                     boot_timeout.as_secs(),
+                    vm.dial_in_hint(),
                     vm.diagnostics()
                 ),
             )},
@@ -434,8 +437,8 @@ async fn run_session(
     daemon: &Daemon,
     job: &QueuedJob,
     vm: &mut dyn Sandbox,
-    stream: UnixStream,
-    listener: UnixListener,
+    stream: BoxedStream,
+    mut listener: AgentListener,
     start: Start,
     redactor: Redactor,
     held: &mut Option<Held>,
@@ -477,7 +480,7 @@ async fn run_session(
             Err(_) => Ended::Silent(format!("the guest did not report a result within {} s of the job's start", watchdog.as_secs())),
         },
         exit = vm.exited() => Ended::Broken(format!("the VM stopped during the session: {}", exit.description)),
-        never = refuse_further_sessions(&listener, store, &job.job_id, &job.sandbox_id) => match never {},
+        never = refuse_further_sessions(&mut listener, store, &job.job_id, &job.sandbox_id) => match never {},
     };
     if let Err(e) = observer.finish() {
         tracing::error!(job = %job.job_id, "storing the last of the job's output: {e}");
@@ -486,7 +489,7 @@ async fn run_session(
     let (reason, timed_out) = match ended {
         Ended::Reported(result) => {
             let mut collecting =
-                Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &listener };
+                Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &mut listener };
             job.phase.send_replace("collecting artifacts");
             collecting.artifacts(&redactor, vm).await;
             daemon.metrics.job_ran(Duration::from_millis(result.duration_ms));
@@ -575,9 +578,9 @@ const MAX_ARTIFACT_EVENTS: usize = 32;
 struct Collecting<'a, 'd> {
     daemon: &'d Daemon,
     job: &'d QueuedJob,
-    session: &'a mut HostSession<UnixStream>,
+    session: &'a mut HostSession<BoxedStream>,
     observer: &'a mut Observer<'d>,
-    listener: &'a UnixListener,
+    listener: &'a mut AgentListener,
 }
 
 impl Collecting<'_, '_> {
@@ -603,7 +606,7 @@ impl Collecting<'_, '_> {
                 Err(_) => Err(format!("the artifacts did not arrive within {} s", ARTIFACT_TIMEOUT.as_secs())),
             },
             exit = vm.exited() => Err(format!("the VM stopped while pushing artifacts: {}", exit.description)),
-            never = refuse_further_sessions(self.listener, &daemon.store, &job.job_id, &job.sandbox_id) => match never {},
+            never = refuse_further_sessions(&mut *self.listener, &daemon.store, &job.job_id, &job.sandbox_id) => match never {},
         };
         drop(sink);
         match collected {
@@ -623,7 +626,7 @@ impl Collecting<'_, '_> {
     }
 
     /// Unpacks the verified stream (off the async threads) and records what it held.
-    async fn store(&self, tar: &std::path::Path, dest: &std::path::Path, max_bytes: u64, redactor: &Redactor) {
+    async fn store(&mut self, tar: &std::path::Path, dest: &std::path::Path, max_bytes: u64, redactor: &Redactor) {
         let (tar_, dest_, redactor_) = (tar.to_owned(), dest.to_owned(), redactor.clone());
         let unpacked =
             tokio::task::spawn_blocking(move || crate::artifacts::unpack(&tar_, &dest_, max_bytes, &redactor_)).await;
@@ -648,7 +651,7 @@ impl Collecting<'_, '_> {
 /// Turns away every connection after the first and records it (the first 16; a
 /// guest opening thousands must not fill the database). Never returns.
 async fn refuse_further_sessions(
-    listener: &UnixListener,
+    listener: &mut AgentListener,
     store: &Store,
     job_id: &str,
     sandbox_id: &str,
@@ -662,7 +665,7 @@ async fn refuse_further_sessions(
     );
     let mut refused = 0u32;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok(stream) = listener.accept().await else {
             continue;
         };
         refused += 1;

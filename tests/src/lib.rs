@@ -2,6 +2,9 @@
 //! binaries and the micro image, and running a throwaway agentlabd.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A harness fails loudly by design.
 
+pub mod pve;
+pub mod pve_bench;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -138,9 +141,14 @@ impl Daemon {
 
     /// SIGKILLs the daemon (no clean-up of any kind) and starts a new one on the same state.
     pub fn kill_and_restart(&mut self) {
+        self.kill_and_restart_with(&[]);
+    }
+
+    /// Like [`Daemon::kill_and_restart`], the new daemon started with `extra` arguments.
+    pub fn kill_and_restart_with(&mut self, extra: &[&str]) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = spawn_daemon(self.state.path(), &[], &[]);
+        self.child = spawn_daemon(self.state.path(), extra, &[]);
     }
 
     /// The pids of [`Daemon::processes_using_state`].

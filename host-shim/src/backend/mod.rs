@@ -3,6 +3,7 @@
 
 pub mod adopted;
 mod process;
+pub mod proxmox;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -21,6 +22,12 @@ pub enum ChannelEndpoint {
 /// What the runner asks a backend for.
 pub struct ProvisionRequest {
     pub sandbox_id: String,
+    /// The job the sandbox is for (Proxmox puts it in the VM's description).
+    pub job_id: String,
+    /// The profile's template (Proxmox: linked-cloned; a node may map it to its own).
+    pub template_vmid: u32,
+    /// The profile's bridge, or None for no network device.
+    pub bridge: Option<String>,
     /// Where the guest's serial console should be written (kept with the job).
     pub console_log: PathBuf,
     /// vCPUs and memory from the job's profile.
@@ -49,6 +56,8 @@ pub enum BackendError {
     DeviceTimeout { what: String, path: String, secs: u64, stderr: String },
     /// {context}: {source}
     Io { context: String, source: std::io::Error },
+    /// {0}
+    Proxmox(String),
 }
 
 /// A source of sandboxes.
@@ -105,6 +114,17 @@ pub trait Sandbox: Send {
 
     /// The last lines the guest and its devices printed, for error messages.
     fn diagnostics(&self) -> String;
+
+    /// Warnings from steps that succeeded (Proxmox tasks ending `WARNINGS: N`), each
+    /// once, for the job's record.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// What to check when the guest's agent never dialed in.
+    fn dial_in_hint(&self) -> String {
+        "the guest kernel or agent did not come up (see the console below; rebuild the image with `make image` if the agent is missing)".to_owned()
+    }
 
     /// Stops the VM (gracefully if it is powering off anyway) and removes everything.
     async fn destroy(self: Box<Self>) -> Result<(), BackendError>;

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentlab_host::backend::Backend;
+use agentlab_host::backend::proxmox::ProxmoxBackend;
+use agentlab_host::backend::proxmox::config::{ChannelMode, ConfigFile};
 use agentlab_host::backend::qemu::{Accel, QemuBackend};
 use agentlab_host::config::{DEFAULT_IMAGE_DIR, DEFAULT_PROFILES_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DaemonConfig};
 use agentlab_host::daemon::Daemon;
@@ -60,9 +63,21 @@ struct Args {
     /// How often expired sandbox leases are looked for.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     lease_check_interval: Duration,
+    /// Where sandboxes come from: local microVMs, or Proxmox VE (configured in --config).
+    #[arg(long, value_enum, default_value_t = BackendKind::Qemu)]
+    backend: BackendKind,
+    /// The daemon's settings file; the proxmox backend reads its `proxmox:` section.
+    #[arg(long, env = "AGENTLAB_CONFIG", default_value = "/etc/agentlab/config.yaml")]
+    config: PathBuf,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "AGENTLAB_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    Qemu,
+    Proxmox,
 }
 
 fn main() -> ExitCode {
@@ -122,11 +137,37 @@ async fn run(args: Args) -> Result<(), String> {
         config.budget.memory_mb = mb;
     }
 
-    let backend = Arc::new(QemuBackend::new(config.qemu.clone()));
+    let (backend, proxmox): (Arc<dyn Backend>, _) = match args.backend {
+        BackendKind::Qemu => (Arc::new(QemuBackend::new(config.qemu.clone())), None),
+        BackendKind::Proxmox => {
+            let file = ConfigFile::load(&args.config).map_err(|e| format!("--config {e}"))?;
+            let pve = file.proxmox.ok_or_else(|| {
+                format!(
+                    "--backend proxmox needs a `proxmox:` section in {} (see docs/PROXMOX.md)",
+                    args.config.display()
+                )
+            })?;
+            if pve.channel == ChannelMode::Vsock {
+                tracing::info!(
+                    "vsock channel: one AF_VSOCK listener on port {}, guests get CID = VMID",
+                    agentlab_protocol::AGENT_VSOCK_PORT
+                );
+            }
+            let backend = Arc::new(ProxmoxBackend::new(pve).map_err(|e| e.to_string())?);
+            match backend.check_api().await {
+                Ok(version) => tracing::info!("Proxmox VE API reachable: {version}"),
+                Err(e) => tracing::warn!("jobs will fail until this is fixed: {e}"),
+            }
+            (backend.clone() as Arc<dyn Backend>, Some(backend))
+        }
+    };
     let daemon = Daemon::open(config, backend.clone()).map_err(|e| e.to_string())?;
-    if let Err(e) = agentlab_host::backend::Backend::preflight(&*backend).await {
+    if let Err(e) = backend.preflight().await {
         // Not fatal: the daemon still serves state; each job fails with this reason.
-        tracing::warn!("the qemu backend is not ready, jobs will fail until this is fixed: {e}");
+        tracing::warn!("the {} backend is not ready, jobs will fail until this is fixed: {e}", backend.name());
+    }
+    if let Some(pve) = proxmox {
+        tokio::spawn(agentlab_host::backend::proxmox::reconcile::run_forever(pve, daemon.clone()));
     }
     tokio::spawn(agentlab_host::leases::reaper(daemon.clone(), args.lease_check_interval));
     if let Some(addr) = args.metrics_listen {
