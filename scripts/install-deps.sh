@@ -17,6 +17,9 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || need_pkgs+=(cpio)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 command -v file >/dev/null 2>&1 || need_pkgs+=(file)
+# The network-isolation tests: namespaces, veth pairs and the real nftables ruleset.
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_pkgs[*]}"
   $SUDO apt-get update -qq

@@ -2,6 +2,8 @@
 //! binaries and the micro image, and running a throwaway agentlabd.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A harness fails loudly by design.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
