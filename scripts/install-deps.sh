@@ -20,6 +20,8 @@ command -v file >/dev/null 2>&1 || need_pkgs+=(file)
 # The network-isolation tests: namespaces, veth pairs and the real nftables ruleset.
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
+# The host-setup test checks the dnsmasq configuration it installs with `dnsmasq --test`.
+command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_pkgs[*]}"
   $SUDO apt-get update -qq

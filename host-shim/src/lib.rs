@@ -6,6 +6,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod hostsetup;
 pub mod ids;
 pub mod joblog;
 pub mod profile;

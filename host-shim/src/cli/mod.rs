@@ -41,6 +41,15 @@ enum Command {
     /// Sandbox profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// This node: prepare it for AgentLab (needs no daemon).
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Print, and with --apply perform, each idempotent step of preparing a Proxmox VE node.
+    Setup(crate::hostsetup::HostSetupArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +111,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     if let Command::Profile(ProfileCommand::Validate { file }) = &cli.command {
         return validate_profile_file(file, cli.json);
     }
+    if let Command::Host(HostCommand::Setup(args)) = &cli.command {
+        return crate::hostsetup::run(args);
+    }
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
@@ -120,6 +132,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             other => Err(client::unexpected(other)),
         },
         Command::Profile(ProfileCommand::Validate { .. }) => Err("unreachable: validated above".into()),
+        Command::Host(_) => Err("unreachable: handled above".into()),
         Command::Profile(command) => match client.call(ApiRequest::ProfileList).await? {
             ApiResponse::Profiles(profiles) => match command {
                 ProfileCommand::Show { name } => {
