@@ -22,6 +22,9 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
 # The host-setup test checks the dnsmasq configuration it installs with `dnsmasq --test`.
 command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
+# packer/ is validated with Debian's packer (it has the Proxmox builders built in).
+command -v packer >/dev/null 2>&1 || need_pkgs+=(packer)
+command -v ssh-keygen >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_pkgs[*]}"
   $SUDO apt-get update -qq

@@ -1,6 +1,7 @@
 //! Where sandboxes come from. `qemu` (local microVMs) is the embedded default;
 //! `proxmox` is the production backend.
 
+pub mod disk_image;
 mod process;
 pub mod qemu;
 
