@@ -76,7 +76,7 @@ source "$IMAGE_DIR/lib.sh"
 
 # --- is the disk up to date? ----------------------------------------------------------
 
-ROOTFS_KEY=$(printf '%s\n' "v1" "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
+ROOTFS_KEY=$(printf '%s\n' "v2" "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
 BUILD_KEY=$( (
     echo "$ROOTFS_KEY $SIZE"
     sha256sum "$AGENT" "$0" "$IMAGE_DIR/lib.sh" "$TEMPLATE_FILES"/* | cut -d' ' -f1
@@ -94,8 +94,9 @@ fi
 
 # --- debootstrap (cached) ----------------------------------------------------------------
 
-# Runs a command chrooted in $1, with /proc, /sys and /dev mounted in a private mount
-# namespace: they vanish with the command, whatever happens.
+# Runs a command chrooted in $1, with /proc, /sys, /dev and /run mounted in a private
+# mount namespace: they vanish with the command, whatever happens. The template's
+# /etc/resolv.conf points into /run (systemd-resolved), so the host's is put there.
 in_chroot() {
     local root=$1
     shift
@@ -104,6 +105,10 @@ in_chroot() {
         mount -t proc proc "$root/proc"
         mount -t sysfs sysfs "$root/sys"
         mount --rbind /dev "$root/dev"
+        mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+        mkdir -p "$root/run/systemd/resolve"
+        cat /etc/resolv.conf >"$root/run/systemd/resolve/stub-resolv.conf"
+        cp "$root/run/systemd/resolve/stub-resolv.conf" "$root/run/systemd/resolve/resolv.conf"
         exec chroot "$root" "$@"' in_chroot "$root" "$@"
 }
 
@@ -129,7 +134,7 @@ EOF
     chmod 0755 "$ROOTFS.tmp/usr/sbin/policy-rc.d"
     log "apt-get dist-upgrade (security updates) in the chroot"
     if ! in_chroot "$ROOTFS.tmp" /bin/sh -ec 'export DEBIAN_FRONTEND=noninteractive
-        apt-get -qq update
+        apt-get -qq --error-on=any update
         apt-get -qq -y -o Dpkg::Options::=--force-confold dist-upgrade
         apt-get -qq -y autoremove --purge
         apt-get clean' >>"$CACHE/debootstrap.log" 2>&1; then
@@ -207,10 +212,11 @@ mcopy -i "$STAGE/esp.img" "$TEMPLATE_FILES/loader-entry.conf" ::/loader/entries/
 
 log "GPT disk ($SIZE) -> qcow2"
 truncate -s "$size_bytes" "$STAGE/disk.raw"
+# sfdisk counts in 512-byte sectors: 2048 sectors = 1 MiB.
 sfdisk --quiet "$STAGE/disk.raw" <<EOF
 label: gpt
-start=${MIB}, size=$((ESP_MIB * MIB)), type=U, name="esp"
-start=$((ROOT_START_MIB * MIB)), size=$((ROOT_MIB * MIB)), type=L, name="root"
+start=2048, size=$((ESP_MIB * 2048)), type=U, name="esp"
+start=$((ROOT_START_MIB * 2048)), size=$((ROOT_MIB * 2048)), type=L, name="root"
 EOF
 dd if="$STAGE/esp.img" of="$STAGE/disk.raw" bs=1M seek=1 conv=notrunc status=none
 dd if="$STAGE/root.img" of="$STAGE/disk.raw" bs=1M seek="$ROOT_START_MIB" conv=notrunc,sparse status=none

@@ -25,6 +25,13 @@ command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
 # packer/ is validated with Debian's packer (it has the Proxmox builders built in).
 command -v packer >/dev/null 2>&1 || need_pkgs+=(packer)
 command -v ssh-keygen >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+# image/build-template.sh: the Debian 12 template disk, built without loop mounts.
+command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v mkfs.vfat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
+command -v sfdisk >/dev/null 2>&1 || need_pkgs+=(fdisk)
+command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_pkgs[*]}"
   $SUDO apt-get update -qq

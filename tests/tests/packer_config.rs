@@ -81,7 +81,11 @@ fn debians_packer_validates_the_proxmox_clone_config() {
     let broken = copy_for_debian_packer(|t| t.replace("agentlab-agent.service\"", "agentlab-agent.servic\""));
     let out = packer(&args, broken.path());
     assert!(!out.status.success(), "a missing provisioner source must fail validation: {}", describe(&out));
-    assert!(describe(&out).contains("Bad source 'packer/../image/template/agentlab-agent.servic'"), "{}", describe(&out));
+    assert!(
+        describe(&out).contains("Bad source 'packer/../image/template/agentlab-agent.servic'"),
+        "{}",
+        describe(&out)
+    );
 }
 
 /// `variable "NAME"` blocks of the config.
