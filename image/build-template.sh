@@ -32,9 +32,12 @@ SUITE=bookworm
 # minbase plus what the template needs. python3-cffi-backend is named because cloud-init's
 # python3-cryptography depends on a virtual package of it, which debootstrap's resolver
 # does not follow.
+# The kernel is Debian's cloud flavour: built for VMs (virtio, vsock, PVH, EFI stub,
+# Landlock), a quarter of the generic kernel's 400 MB of modules.
+KERNEL_META=linux-image-cloud-amd64
 PACKAGES=(
     systemd systemd-sysv systemd-resolved udev dbus kmod
-    linux-image-amd64 initramfs-tools zstd systemd-boot-efi
+    "$KERNEL_META" initramfs-tools zstd systemd-boot-efi
     git ca-certificates iproute2
     cloud-init python3-cffi-backend
 )
@@ -76,7 +79,7 @@ source "$IMAGE_DIR/lib.sh"
 
 # --- is the disk up to date? ----------------------------------------------------------
 
-ROOTFS_KEY=$(printf '%s\n' "v2" "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
+ROOTFS_KEY=$(printf '%s\n' "v3" "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
 BUILD_KEY=$( (
     echo "$ROOTFS_KEY $SIZE"
     sha256sum "$AGENT" "$0" "$IMAGE_DIR/lib.sh" "$TEMPLATE_FILES"/* | cut -d' ' -f1
@@ -136,8 +139,13 @@ EOF
     if ! in_chroot "$ROOTFS.tmp" /bin/sh -ec 'export DEBIAN_FRONTEND=noninteractive
         apt-get -qq --error-on=any update
         apt-get -qq -y -o Dpkg::Options::=--force-confold dist-upgrade
+        # Only the kernel the meta package now depends on stays (debootstrap marked the
+        # first one manually installed, so autoremove would keep it).
+        keep=$(dpkg-query -W -f "\${Depends}" "$1" | grep -o "linux-image-[0-9][^ ,]*" | head -n1)
+        dpkg-query -W -f "\${Package}\n" "linux-image-[0-9]*" | grep -vx "$keep" |
+            xargs -r apt-get -qq -y purge
         apt-get -qq -y autoremove --purge
-        apt-get clean' >>"$CACHE/debootstrap.log" 2>&1; then
+        apt-get clean' sh "$KERNEL_META" >>"$CACHE/debootstrap.log" 2>&1; then
         tail -n 20 "$CACHE/debootstrap.log" >&2
         die "updating the template failed (full log: $CACHE/debootstrap.log)"
     fi

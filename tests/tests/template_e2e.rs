@@ -68,3 +68,29 @@ fn systemd_starts_the_agent_in_the_template_and_a_job_runs_end_to_end() {
     // The sandbox wrote to its own overlay, never to the template.
     assert_eq!(disk_meta(&template.join("disk.qcow2")), disk_before);
 }
+
+#[test]
+fn building_the_template_again_is_a_no_op_when_nothing_changed() {
+    let template = template_dir();
+    let disk = std::fs::metadata(template.join("disk.qcow2")).unwrap().modified().unwrap();
+    let agent = workspace_root().join("target/x86_64-unknown-linux-musl/release/agentlab-agent");
+    let out = std::process::Command::new(workspace_root().join("image/build-template.sh"))
+        .arg("--agent")
+        .arg(&agent)
+        .arg("--out")
+        .arg(&template)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("build-template.sh: up to date ("), "{stderr}");
+    assert_eq!(std::fs::metadata(template.join("disk.qcow2")).unwrap().modified().unwrap(), disk);
+    // The size cap held when it was built.
+    let manifest: Value = serde_json::from_slice(&std::fs::read(template.join("manifest.json")).unwrap()).unwrap();
+    let qcow2 = manifest["files"]["disk.qcow2"]["size"].as_u64().unwrap();
+    assert!(qcow2 <= 1536 << 20, "disk.qcow2 is {qcow2} bytes");
+    for package in ["systemd", "git", "ca-certificates", "cloud-init", "systemd-resolved", "linux-image-cloud-amd64"] {
+        assert!(manifest["packages"].get(package).is_some(), "{package} is not in the template");
+    }
+    assert!(manifest["packages"].get("sudo").is_none(), "no sudo in the template");
+}
