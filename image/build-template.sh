@@ -52,7 +52,7 @@ usage() {
     exit 2
 }
 
-AGENT= OUT= SIZE=4G MAX_QCOW2_MB=1536 MIRROR=http://deb.debian.org/debian REFRESH=no
+AGENT= OUT= SIZE=4G MAX_QCOW2_MB=1024 MIRROR=http://deb.debian.org/debian REFRESH=no
 while (($#)); do
     case "$1" in
         --agent) AGENT=${2:-}; shift 2 || usage ;;
@@ -171,12 +171,13 @@ install -m 0644 "$TEMPLATE_FILES/modules-load-agentlab.conf" "$TREE/etc/modules-
 install -m 0644 "$TEMPLATE_FILES/80-agentlab-dhcp.network" "$TREE/etc/systemd/network/80-agentlab-dhcp.network"
 install -m 0644 "$TEMPLATE_FILES/fstab" "$TREE/etc/fstab"
 mkdir -p "$TREE/boot/efi"
-systemctl --root="$TREE" --quiet enable agentlab-agent.service systemd-networkd.service systemd-resolved.service
+# The template's own systemctl and useradd (chroot needs no mounts for these).
+chroot "$TREE" systemctl --quiet enable agentlab-agent.service systemd-networkd.service systemd-resolved.service
 
 # The unprivileged user jobs run as (uid 1000, as in the micro image) and its workspace.
 # No password, no sudo.
 if ! chroot "$TREE" getent passwd agent >/dev/null; then
-    useradd --root "$TREE" --uid 1000 --user-group --create-home --shell /bin/bash agent
+    chroot "$TREE" useradd --uid 1000 --user-group --create-home --shell /bin/bash agent
 fi
 install -d -m 0755 -o 1000 -g 1000 "$TREE/workspace"
 echo agentlab >"$TREE/etc/hostname"

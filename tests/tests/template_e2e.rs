@@ -88,7 +88,7 @@ fn building_the_template_again_is_a_no_op_when_nothing_changed() {
     // The size cap held when it was built.
     let manifest: Value = serde_json::from_slice(&std::fs::read(template.join("manifest.json")).unwrap()).unwrap();
     let qcow2 = manifest["files"]["disk.qcow2"]["size"].as_u64().unwrap();
-    assert!(qcow2 <= 1536 << 20, "disk.qcow2 is {qcow2} bytes");
+    assert!(qcow2 <= 1024 << 20, "disk.qcow2 is {qcow2} bytes");
     for package in ["systemd", "git", "ca-certificates", "cloud-init", "systemd-resolved", "linux-image-cloud-amd64"] {
         assert!(manifest["packages"].get(package).is_some(), "{package} is not in the template");
     }
