@@ -32,6 +32,8 @@ command -v mkfs.vfat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
 command -v sfdisk >/dev/null 2>&1 || need_pkgs+=(fdisk)
 command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+# The template test boots its disk through UEFI, as Proxmox does with bios: ovmf.
+[ -f /usr/share/ovmf/OVMF.fd ] || need_pkgs+=(ovmf)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_pkgs[*]}"
   $SUDO apt-get update -qq

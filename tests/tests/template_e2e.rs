@@ -94,3 +94,77 @@ fn building_the_template_again_is_a_no_op_when_nothing_changed() {
     }
     assert!(manifest["packages"].get("sudo").is_none(), "no sudo in the template");
 }
+
+/// OVMF as Debian ships it (`apt-get install ovmf`): what a Proxmox VM with `bios: ovmf` runs.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
+    use agentlab_protocol::transport::hybrid;
+    use agentlab_protocol::{AGENT_VSOCK_PORT, HostConnection, HostMessage, host_handshake};
+    use std::time::Duration;
+
+    let template = template_dir();
+    let kernel = std::fs::read_to_string(template.join("kernel-release")).unwrap().trim().to_owned();
+    assert!(
+        std::path::Path::new(OVMF).is_file(),
+        "{OVMF} is missing: apt-get install ovmf (scripts/install-deps.sh does)"
+    );
+    let dir = tempfile::Builder::new().prefix("agentlab-uefi-").tempdir().unwrap();
+    let (vhost_sock, uds, console) =
+        (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("console.log"));
+    // The same vsock plumbing as agentlabd's qemu backend: one vhost-device-vsock per VM.
+    let mut vhost = tokio::process::Command::new("vhost-device-vsock")
+        .arg("--vm")
+        .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_sock.display(), uds.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("vhost-device-vsock (scripts/install-deps.sh installs it)");
+    for _ in 0..500 {
+        if vhost_sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    // No -kernel: OVMF finds systemd-boot on the ESP (EFI/BOOT/BOOTX64.EFI), which boots
+    // the kernel and initrd from there, which mount the ext4 root by its label.
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024M", "-smp", "1"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on", "-numa", "node,memdev=mem"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-bios", OVMF])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2,snapshot=on", template.join("disk.qcow2").display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=vsock0,path={}", vhost_sock.display()))
+        .args(["-device", "vhost-user-vsock-pci,chardev=vsock0", "-serial"])
+        .arg(format!("file:{}", console.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let console_tail = || {
+        let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
+        text[text.len().saturating_sub(3000)..].to_owned()
+    };
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(240), listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no dial-in within 240 s; console:\n{}", console_tail()))
+        .unwrap();
+    let mut conn = HostConnection::new(stream);
+    let (hello, _) = host_handshake(&mut conn, "sb-uefi").await.unwrap();
+    assert_eq!(hello.kernel_release, kernel);
+    // Ending the session ends the agent with success; its unit then powers the VM off.
+    conn.send(HostMessage::Shutdown).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), qemu.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the VM did not power off after the session; console:\n{}", console_tail()))
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    assert!(text.contains("Debian GNU/Linux 12") || text.contains("systemd"), "{}", console_tail());
+    let _ = vhost.kill().await;
+}
