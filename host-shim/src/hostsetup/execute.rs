@@ -77,6 +77,11 @@ fn check(root: &Path, live: bool, check: &LiveCheck) -> (Option<bool>, String) {
                 Err(_) => (Some(false), format!("{path} is unreadable")),
             }
         }
+        LiveCheck::FileHasLine(path, line) => {
+            let ok =
+                std::fs::read_to_string(under_root(root, path)).is_ok_and(|t| t.lines().any(|l| l.trim() == *line));
+            (Some(ok), format!("{path} {} `{line}`", if ok { "has" } else { "lacks" }))
+        }
         LiveCheck::Succeeds(argv) if live => {
             let ok = Command::new(&argv[0])
                 .args(&argv[1..])

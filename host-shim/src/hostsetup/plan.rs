@@ -14,6 +14,9 @@ const BRIDGE_STANZA: &str = include_str!("../../../host/network/agentlab-bridge"
 const SYSCTL_CONF: &str = include_str!("../../../host/sysctl/80-agentlab.conf");
 const MODULES_LOAD: &str = include_str!("../../../host/modules-load/agentlab.conf");
 
+/// The line that makes ifupdown2 read the bridge's file.
+const SOURCE_LINE: &str = "source /etc/network/interfaces.d/*";
+
 /// Where the node's nftables policy is installed (the unit loads it from here).
 pub const NFT_PATH: &str = "/etc/agentlab/agentlab.nft";
 
@@ -32,6 +35,8 @@ pub enum LiveCheck {
     PathExists(String),
     /// The file's content, trimmed, equals the value.
     FileIs(String, &'static str),
+    /// The file has this exact line.
+    FileHasLine(String, &'static str),
     /// The command exits 0.
     Succeeds(Vec<String>),
 }
@@ -100,11 +105,20 @@ pub fn plan(net: &SandboxNet) -> Vec<Step> {
         Step {
             title: format!("sandbox bridge {bridge} ({}/{}, no physical port)", net.gateway(), net.prefix),
             files: vec![file(format!("/etc/network/interfaces.d/agentlab-{bridge}"), render(BRIDGE_STANZA, net))],
-            commands: vec![cmd(
-                &["ifup", bridge],
-                When::FilesChangedOrUnless(LiveCheck::PathExists(format!("/sys/class/net/{bridge}"))),
-                "install ifupdown2 (Proxmox VE's default), or bring the bridge up by hand",
-            )],
+            commands: vec![
+                // ifupdown2 reads interfaces.d only through this line; Proxmox VE's installer
+                // writes it, and its network editor keeps it.
+                cmd(
+                    &["sh", "-c", &format!("echo '{SOURCE_LINE}' >>/etc/network/interfaces")],
+                    When::Unless(LiveCheck::FileHasLine("/etc/network/interfaces".into(), SOURCE_LINE)),
+                    "add the line to /etc/network/interfaces by hand",
+                ),
+                cmd(
+                    &["ifup", bridge],
+                    When::FilesChangedOrUnless(LiveCheck::PathExists(format!("/sys/class/net/{bridge}"))),
+                    "install ifupdown2 (Proxmox VE's default), or bring the bridge up by hand",
+                ),
+            ],
         },
         Step {
             title: "IPv4 forwarding (the node routes its sandboxes' traffic)".into(),
