@@ -207,6 +207,8 @@ ROOT_MIB=$((size_bytes / MIB - ROOT_START_MIB - 1))
 log "ext4 root filesystem ($ROOT_MIB MiB) from the tree"
 truncate -s "${ROOT_MIB}M" "$STAGE/root.img"
 mkfs.ext4 -q -L "$ROOT_LABEL" -d "$TREE" -m 1 "$STAGE/root.img"
+# Checked once here: the template's fstab skips the boot-time fsck (see image/template/fstab).
+e2fsck -fn "$STAGE/root.img" >"$STAGE/e2fsck.log" 2>&1 || { cat "$STAGE/e2fsck.log" >&2; die "e2fsck found errors in the new root filesystem"; }
 
 log "EFI system partition (${ESP_MIB} MiB): systemd-boot, kernel, initrd"
 truncate -s "${ESP_MIB}M" "$STAGE/esp.img"
