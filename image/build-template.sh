@@ -79,7 +79,12 @@ source "$IMAGE_DIR/lib.sh"
 
 # --- is the disk up to date? ----------------------------------------------------------
 
-ROOTFS_KEY=$(printf '%s\n' "v3" "$SUITE" "$MIRROR" "${PACKAGES[@]}" | sha256sum | cut -c1-16)
+# The initramfs settings go in before the updates, which rebuild the initramfs.
+INITRAMFS_FILES=("$TEMPLATE_FILES/initramfs-agentlab.conf" "$TEMPLATE_FILES/initramfs-modules")
+ROOTFS_KEY=$( (
+    printf '%s\n' "v4" "$SUITE" "$MIRROR" "${PACKAGES[@]}"
+    cat "${INITRAMFS_FILES[@]}"
+) | sha256sum | cut -c1-16)
 BUILD_KEY=$( (
     echo "$ROOTFS_KEY $SIZE"
     sha256sum "$AGENT" "$0" "$IMAGE_DIR/lib.sh" "$TEMPLATE_FILES"/* | cut -d' ' -f1
@@ -133,6 +138,8 @@ deb $MIRROR $SUITE main
 deb $MIRROR $SUITE-updates main
 deb ${MIRROR%/debian}/debian-security $SUITE-security main
 EOF
+    install -m 0644 "$TEMPLATE_FILES/initramfs-agentlab.conf" "$ROOTFS.tmp/etc/initramfs-tools/conf.d/agentlab.conf"
+    install -m 0644 "$TEMPLATE_FILES/initramfs-modules" "$ROOTFS.tmp/etc/initramfs-tools/modules"
     printf '#!/bin/sh\nexit 101\n' >"$ROOTFS.tmp/usr/sbin/policy-rc.d"
     chmod 0755 "$ROOTFS.tmp/usr/sbin/policy-rc.d"
     log "apt-get dist-upgrade (security updates) in the chroot"
@@ -145,6 +152,7 @@ EOF
         dpkg-query -W -f "\${Package}\n" "linux-image-[0-9]*" | grep -vx "$keep" |
             xargs -r apt-get -qq -y purge
         apt-get -qq -y autoremove --purge
+        update-initramfs -u -k all
         apt-get clean' sh "$KERNEL_META" >>"$CACHE/debootstrap.log" 2>&1; then
         tail -n 20 "$CACHE/debootstrap.log" >&2
         die "updating the template failed (full log: $CACHE/debootstrap.log)"
