@@ -39,6 +39,11 @@ pub const BLOCKED_V4: [(&str, &str); 5] = [
 ];
 /// A unique local address held by the WAN namespace.
 pub const BLOCKED_ULA: &str = "fd00:5::10";
+/// A global-scope IPv6 address (documentation range) held by the WAN namespace.
+pub const INTERNET_V6: &str = "2001:db8::10";
+/// An address outside the sandbox subnet that the sandbox holds too, to send spoofed
+/// packets from (TEST-NET-2).
+pub const SPOOFED_ADDR: &str = "198.51.100.7";
 /// The router's link-local address on the sandbox link.
 pub const ROUTER_LINK_LOCAL: &str = "fe80::1";
 
@@ -163,6 +168,8 @@ impl Topology {
         router.ip(&["-6", "route", "add", "default", "via", "fd99::2"]);
         wan.ip(&["addr", "add", "fd99::2/64", "dev", "w-rt", "nodad"]);
         wan.ip(&["addr", "add", &format!("{BLOCKED_ULA}/128"), "dev", "lo"]);
+        wan.ip(&["addr", "add", &format!("{INTERNET_V6}/128"), "dev", "lo"]);
+        sandbox.ip(&["addr", "add", &format!("{SPOOFED_ADDR}/32"), "dev", SANDBOX_IF]);
         wan.ip(&["-6", "route", "add", "fd77::/64", "via", "fd99::1"]);
         router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
         Topology { sandbox, router, wan }
@@ -219,6 +226,21 @@ pub fn serve_udp_echo(ns: &Netns, addr: SocketAddr) {
             let _ = socket.send_to(&buf[..n], from);
         }
     });
+}
+
+/// A UDP socket that reports every datagram it receives (payload, source) on a channel.
+pub fn udp_receiver(ns: &Netns, addr: SocketAddr) -> std::sync::mpsc::Receiver<(Vec<u8>, SocketAddr)> {
+    let socket = ns.enter(move || UdpSocket::bind(addr)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if tx.send((buf[..n].to_vec(), from)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Connects from inside `ns`.

@@ -167,3 +167,32 @@ fn loading_the_ruleset_again_replaces_it_instead_of_adding_to_it() {
         assert!(second.contains(range), "{range} missing from\n{second}");
     }
 }
+
+#[test]
+fn a_sandbox_can_neither_spoof_its_source_nor_route_ipv6() {
+    let topo = Topology::new();
+    let received = udp_receiver(&topo.wan, v4(INTERNET_ADDR, 6000));
+    serve_peer_address(&topo.wan, SocketAddr::new(INTERNET_V6.parse().unwrap(), PORT));
+    let send_spoofed = || {
+        let socket = topo.sandbox.enter(|| std::net::UdpSocket::bind(v4(SPOOFED_ADDR, 0))).unwrap();
+        socket.send_to(b"spoofed", v4(INTERNET_ADDR, 6000)).unwrap();
+    };
+    let v6 = || outcome(connect_from(&topo.sandbox, SocketAddr::new(INTERNET_V6.parse().unwrap(), PORT), TIMEOUT));
+
+    // Control: without the ruleset the spoofed datagram arrives with its forged source,
+    // and IPv6 is routed.
+    send_spoofed();
+    let (payload, from) = received.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!((payload.as_slice(), from.ip().to_string()), (&b"spoofed"[..], SPOOFED_ADDR.to_owned()));
+    assert_eq!(v6(), "connected");
+
+    topo.load_ruleset(&ruleset());
+    send_spoofed();
+    assert!(received.recv_timeout(Duration::from_secs(2)).is_err(), "a spoofed datagram left the node");
+    assert_eq!(v6(), "EACCES");
+    // The sandbox's own address still goes out, translated.
+    let socket = topo.sandbox.enter(|| std::net::UdpSocket::bind(v4(SANDBOX_ADDR, 0))).unwrap();
+    socket.send_to(b"genuine", v4(INTERNET_ADDR, 6000)).unwrap();
+    let (payload, from) = received.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!((payload.as_slice(), from.ip().to_string()), (&b"genuine"[..], ROUTER_UPLINK_ADDR.to_owned()));
+}
