@@ -192,3 +192,22 @@ fn bad_values_are_refused_with_the_fix() {
         "agentlab: --subnet 10.77.1.0/16 has host bits set: did you mean 10.77.0.0/16?\n"
     );
 }
+
+#[test]
+fn the_packages_unit_is_used_instead_of_a_copy_in_etc() {
+    let root = tempfile::tempdir().unwrap();
+    let packaged = root.path().join("lib/systemd/system/agentlabd.service");
+    std::fs::create_dir_all(packaged.parent().unwrap()).unwrap();
+    std::fs::write(&packaged, repo("host/systemd/agentlabd.service")).unwrap();
+    let out = setup(&["--apply", "--root", root.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out).contains(
+            "    file /etc/systemd/system/agentlabd.service: not needed (/lib/systemd/system/agentlabd.service is installed by the package)\n"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(!root.path().join("etc/systemd/system/agentlabd.service").exists());
+    assert_eq!(files_under(root.path()).len(), FILES.len(), "the other seven files and the package's unit");
+}

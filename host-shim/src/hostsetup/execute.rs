@@ -142,6 +142,12 @@ pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -
         let mut lines = Vec::new();
         let mut files_changed = false;
         for spec in &step.files {
+            if let Some(packaged) = spec.unless_present
+                && under_root(root, packaged).exists()
+            {
+                lines.push(format!("    file {}: not needed ({packaged} is installed by the package)", spec.path));
+                continue;
+            }
             let state = file_state(root, spec)?;
             let verb = match (state, apply) {
                 (FileState::UpToDate, _) => "up to date",

@@ -17,6 +17,9 @@ const MODULES_LOAD: &str = include_str!("../../../host/modules-load/agentlab.con
 /// The line that makes ifupdown2 read the bridge's file.
 const SOURCE_LINE: &str = "source /etc/network/interfaces.d/*";
 
+/// Where the agentlab Debian package installs agentlabd's unit.
+pub const PACKAGED_UNIT: &str = "/lib/systemd/system/agentlabd.service";
+
 /// Where the node's nftables policy is installed (the unit loads it from here).
 pub const NFT_PATH: &str = "/etc/agentlab/agentlab.nft";
 
@@ -27,6 +30,9 @@ pub struct FileSpec {
     pub path: String,
     pub content: String,
     pub mode: u32,
+    /// Not written when this file exists: the agentlab Debian package ships the same
+    /// unit under /lib, and a copy in /etc would shadow the package's future versions.
+    pub unless_present: Option<&'static str>,
 }
 
 /// A fact about the running node that tells whether a command is still needed.
@@ -72,7 +78,7 @@ fn render(template: &str, net: &SandboxNet) -> String {
 }
 
 fn file(path: impl Into<String>, content: String) -> FileSpec {
-    FileSpec { path: path.into(), content, mode: 0o644 }
+    FileSpec { path: path.into(), content, mode: 0o644, unless_present: None }
 }
 
 fn cmd(argv: &[&str], when: When, fix: &'static str) -> CommandSpec {
@@ -187,7 +193,10 @@ pub fn plan(net: &SandboxNet) -> Vec<Step> {
         },
         Step {
             title: "agentlabd systemd unit, enabled".into(),
-            files: vec![file("/etc/systemd/system/agentlabd.service", AGENTLABD_UNIT.to_owned())],
+            files: vec![FileSpec {
+                unless_present: Some(PACKAGED_UNIT),
+                ..file("/etc/systemd/system/agentlabd.service", AGENTLABD_UNIT.to_owned())
+            }],
             commands: vec![daemon_reload(), enable("agentlabd.service")],
         },
     ]
