@@ -32,6 +32,8 @@ command -v mkfs.vfat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
 command -v sfdisk >/dev/null 2>&1 || need_pkgs+=(fdisk)
 command -v qemu-img >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+# Debian's cloud kernel is lz4-compressed: the template's vmlinux is extracted with it.
+command -v lz4 >/dev/null 2>&1 || need_pkgs+=(lz4)
 # The template test boots its disk through UEFI, as Proxmox does with bios: ovmf.
 [ -f /usr/share/ovmf/OVMF.fd ] || need_pkgs+=(ovmf)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
