@@ -135,8 +135,11 @@ async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024M", "-smp", "1"])
         .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on", "-numa", "node,memdev=mem"])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-bios", OVMF])
+        // The disk behind virtio-scsi, as `scsihw: virtio-scsi-single` + `scsi0` in Proxmox
+        // (the agentlabd test boots it as virtio-blk).
+        .args(["-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,bus=scsi0.0,drive=root"])
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2,snapshot=on", template.join("disk.qcow2").display()))
+        .arg(format!("file={},if=none,id=root,format=qcow2,snapshot=on", template.join("disk.qcow2").display()))
         .arg("-chardev")
         .arg(format!("socket,id=vsock0,path={}", vhost_sock.display()))
         .args(["-device", "vhost-user-vsock-pci,chardev=vsock0", "-serial"])
