@@ -196,3 +196,65 @@ fn a_sandbox_can_neither_spoof_its_source_nor_route_ipv6() {
     let (payload, from) = received.recv_timeout(TIMEOUT).unwrap();
     assert_eq!((payload.as_slice(), from.ip().to_string()), (&b"genuine"[..], ROUTER_UPLINK_ADDR.to_owned()));
 }
+
+/// Kills and reaps a background process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_sandbox_gets_its_lease_from_the_nodes_dnsmasq_through_the_ruleset() {
+    let topo = Topology::new();
+    topo.load_ruleset(&ruleset());
+    // The dnsmasq configuration exactly as `agentlab host setup` installs it, for the
+    // router's sandbox-side interface.
+    let dir = tempfile::tempdir().unwrap();
+    let setup = std::process::Command::new(agentlab_tests::bin("agentlab"))
+        .args(["host", "setup", "--apply", "--bridge", ROUTER_SANDBOX_IF, "--subnet", SANDBOX_NET4, "--root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{}", agentlab_tests::describe(&setup));
+    let conf = dir.path().join("etc/agentlab/dnsmasq.conf");
+    let dnsmasq = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.router.name, "dnsmasq", "--keep-in-foreground"])
+        .arg(format!("--conf-file={}", conf.display()))
+        .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _dnsmasq = KillOnDrop(dnsmasq);
+
+    // busybox's DHCP client in the sandbox; its event script records what it was offered.
+    let lease = dir.path().join("lease");
+    let script = dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"ip=$ip subnet=$subnet router=$router dns=$dns lease=$lease\" >{}\nexit 0\n",
+            lease.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap().to_owned();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.sandbox.name, "busybox", "udhcpc", "-i", SANDBOX_IF, "-f", "-q", "-n"])
+        .args(["-t", "10", "-T", "1", "-s", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "no lease: {}", agentlab_tests::describe(&out));
+    let got = std::fs::read_to_string(&lease).unwrap();
+    let ip: std::net::Ipv4Addr = got.split_whitespace().next().unwrap().strip_prefix("ip=").unwrap().parse().unwrap();
+    let (first, last) = (std::net::Ipv4Addr::new(10, 77, 0, 10), std::net::Ipv4Addr::new(10, 77, 255, 254));
+    assert!((first..=last).contains(&ip), "{ip} is outside the pool {first}-{last}");
+    assert_eq!(
+        got.trim(),
+        format!("ip={ip} subnet=255.255.0.0 router={ROUTER_SANDBOX_ADDR} dns={ROUTER_SANDBOX_ADDR} lease=3600")
+    );
+}
