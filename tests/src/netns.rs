@@ -177,18 +177,7 @@ impl Topology {
 
     /// Loads the ruleset file into the router, as `agentlab host setup` does on a node.
     pub fn load_ruleset(&self, file: &Path) {
-        let file = file.to_str().unwrap();
-        self.router.exec(
-            "nft",
-            &[
-                "-D",
-                &format!("sandbox_if=\"{ROUTER_SANDBOX_IF}\""),
-                "-D",
-                &format!("sandbox_net4={SANDBOX_NET4}"),
-                "-f",
-                file,
-            ],
-        );
+        load_ruleset(&self.router, file, ROUTER_SANDBOX_IF);
     }
 }
 
@@ -196,6 +185,14 @@ impl Default for Topology {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Loads the ruleset file into `ns` for the sandbox interface `sandbox_if`.
+pub fn load_ruleset(ns: &Netns, file: &Path, sandbox_if: &str) {
+    let file = file.to_str().unwrap();
+    let define_if = format!("sandbox_if=\"{sandbox_if}\"");
+    let define_net = format!("sandbox_net4={SANDBOX_NET4}");
+    ns.exec("nft", &["-D", &define_if, "-D", &define_net, "-f", file]);
 }
 
 /// A TCP listener that answers every connection with the peer address it saw, then
