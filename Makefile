@@ -8,8 +8,9 @@ MUSL      := x86_64-unknown-linux-musl
 AGENT     := target/$(MUSL)/release/agentlab-agent
 BASELINE  := target/$(MUSL)/release/baseline-init
 IMAGE_DIR := build/image
+TEMPLATE_DIR := build/template
 
-.PHONY: all deps agent image build test demo bench lint clean
+.PHONY: all deps agent image template build test demo bench lint clean
 
 all: build image
 
@@ -22,17 +23,21 @@ agent: deps
 image: agent
 	image/build.sh --agent $(AGENT) --baseline $(BASELINE) --out $(IMAGE_DIR)
 
+# The Debian 12 template disk (debootstrap; needs root; cached, so a no-op when current).
+template: agent
+	image/build-template.sh --agent $(AGENT) --out $(TEMPLATE_DIR)
+
 build: deps
 	cargo build --workspace
 
-test: image build
+test: image template build
 	scripts/test.sh
 
 demo: image
 	cargo build --release -p agentlab-host
 	scripts/demo.sh
 
-bench: image
+bench: image template
 	cargo build --release -p agentlab-host -p agentlab-tests --bins
 	scripts/bench.sh
 

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 exec target/release/bench \
   --image-dir build/image --profiles-dir profiles \
   --agent target/x86_64-unknown-linux-musl/release/agentlab-agent \
-  --baseline target/x86_64-unknown-linux-musl/release/baseline-init
+  --baseline target/x86_64-unknown-linux-musl/release/baseline-init \
+  --template-dir build/template

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod hostsetup;
 pub mod ids;
 pub mod joblog;
 pub mod leases;

@@ -2,6 +2,7 @@
 //! binaries and the micro image, and running a throwaway agentlabd.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A harness fails loudly by design.
 
+pub mod netns;
 pub mod pve;
 pub mod pve_bench;
 

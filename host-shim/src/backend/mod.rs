@@ -2,6 +2,7 @@
 //! `proxmox` is the production backend.
 
 pub mod adopted;
+pub mod disk_image;
 mod process;
 pub mod proxmox;
 pub mod qemu;

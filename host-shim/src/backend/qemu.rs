@@ -12,6 +12,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
 use super::adopted::{AdoptedVm, ProcessId, VmRecord};
+use super::disk_image::{self, ImageKind};
 use super::process::{find_program, tail};
 use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
 use crate::doctor::Check;
@@ -19,7 +20,7 @@ use crate::doctor::Check;
 /// Kernel command line of the micro image: quiet, no crypto self-tests (the slowest
 /// step under TCG, ~0.3 s) and no legacy probes. CPU mitigations stay on: the job is
 /// hostile and shares the guest with the agent.
-const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t pci=lastbus=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rcupdate.rcu_expedited=1 mitigations=off";
+const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t pci=lastbus=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rcupdate.rcu_expedited=1";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 const DEVICE_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a VM gets to power itself off after its session before it is killed.
@@ -44,7 +45,8 @@ pub enum Accel {
 pub struct QemuConfig {
     pub qemu: PathBuf,
     pub vhost_device_vsock: PathBuf,
-    /// Holds `vmlinux` and `initrd.img` from image/build.sh.
+    /// Holds `vmlinux` and `initrd.img` from image/build.sh, or a template disk
+    /// (`disk.qcow2` and its kernel and initrd) from image/build-template.sh.
     pub image_dir: PathBuf,
     /// Per-sandbox sockets and logs go under here.
     pub run_dir: PathBuf,
@@ -59,8 +61,12 @@ pub struct QemuConfig {
 }
 
 impl QemuConfig {
+    pub fn image_kind(&self) -> ImageKind {
+        ImageKind::of(&self.image_dir)
+    }
+
     pub fn kernel(&self) -> PathBuf {
-        self.image_dir.join("vmlinux")
+        disk_image::kernel(&self.image_dir, self.image_kind())
     }
 
     pub fn initrd(&self) -> PathBuf {
@@ -98,7 +104,7 @@ impl QemuBackend {
     }
 
     fn check_image(&self) -> Result<(), BackendError> {
-        for path in [self.config.kernel(), self.config.initrd()] {
+        for path in disk_image::required_files(&self.config.image_dir, self.config.image_kind()) {
             if !path.is_file() {
                 return Err(BackendError::ImageMissing { path: path.display().to_string() });
             }
@@ -144,7 +150,7 @@ async fn probe_kvm(qemu: &Path, config: &QemuConfig) -> bool {
     let qemu_log = dir.join("qemu.log");
     let mut cmd = Command::new(qemu);
     cmd.args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1"])
-        .args(common_args(config, &console, &format!("{KERNEL_CMDLINE} agentlab.probe")))
+        .args(common_args(config, &console, true))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
@@ -179,8 +185,18 @@ fn tempfile_dir(parent: &Path, name: &str) -> std::io::Result<PathBuf> {
 }
 
 /// Arguments shared by sandboxes and the probe: image, console, no defaults.
-fn common_args(config: &QemuConfig, console: &Path, cmdline: &str) -> Vec<String> {
-    vec![
+fn common_args(config: &QemuConfig, console: &Path, probe: bool) -> Vec<String> {
+    let kind = config.image_kind();
+    let mut cmdline = match (kind, probe) {
+        (ImageKind::Micro, false) => KERNEL_CMDLINE.to_owned(),
+        (ImageKind::Micro, true) => format!("{KERNEL_CMDLINE} agentlab.probe"),
+        (ImageKind::Disk, probe) => disk_image::disk_cmdline(KERNEL_CMDLINE, probe),
+    };
+    if !config.extra_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&config.extra_cmdline);
+    }
+    let mut args: Vec<String> = vec![
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),
@@ -193,8 +209,12 @@ fn common_args(config: &QemuConfig, console: &Path, cmdline: &str) -> Vec<String
         "-initrd".into(),
         config.initrd().display().to_string(),
         "-append".into(),
-        cmdline.to_owned(),
-    ]
+        cmdline,
+    ];
+    if kind == ImageKind::Disk {
+        args.extend(disk_image::drive_args(&config.image_dir));
+    }
+    args
 }
 
 #[async_trait]
@@ -414,8 +434,7 @@ impl QemuSandbox {
             "-device".into(),
             "vhost-user-vsock-pci,chardev=vsock0".into(),
         ];
-        let cmdline = format!("{KERNEL_CMDLINE} {}", self.config.extra_cmdline);
-        args.extend(common_args(&self.config, &self.console_log, cmdline.trim_end()));
+        args.extend(common_args(&self.config, &self.console_log, false));
         args
     }
 }

@@ -54,6 +54,15 @@ enum Command {
     /// Secrets bundles: stored encrypted by agentlabd, delivered once to each sandbox.
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
+    /// This node: prepare it for AgentLab (needs no daemon).
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Print, and with --apply perform, each idempotent step of preparing a Proxmox VE node.
+    Setup(crate::hostsetup::HostSetupArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +169,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     if let Command::Doctor = &cli.command {
         return doctor::run(&cli.socket, cli.json).await;
     }
+    if let Command::Host(HostCommand::Setup(args)) = &cli.command {
+        return crate::hostsetup::run(args);
+    }
     let mut client = Client::connect(&cli.socket).await?;
     match cli.command {
         Command::Job(JobCommand::Submit(args)) => submit::submit(&mut client, args, cli.json).await,
@@ -212,7 +224,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             other => Err(client::unexpected(other)),
         },
-        Command::Profile(ProfileCommand::Validate { .. }) | Command::Doctor => Err("unreachable: handled above".into()),
+        Command::Profile(ProfileCommand::Validate { .. }) | Command::Doctor | Command::Host(_) => {
+            Err("unreachable: handled above".into())
+        }
         Command::Profile(command) => match client.call(ApiRequest::ProfileList).await? {
             ApiResponse::Profiles(profiles) => match command {
                 ProfileCommand::Show { name } => {

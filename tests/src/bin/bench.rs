@@ -11,6 +11,8 @@
 //! 6. The Proxmox backend against the stand-in in no-boot mode: API requests per
 //!    lifecycle, lifecycles/s at 50 concurrent, daemon RSS at 500 live sandboxes.
 //!    `AGENTLAB_BENCH_ONLY=proxmox` runs only this section.
+//! 7. The Debian template: its size, and QEMU start → agent Hello with systemd starting
+//!    the agent, against the micro image.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark aborts on any surprise.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ struct Args {
     profiles_dir: PathBuf,
     agent: PathBuf,
     baseline: PathBuf,
+    template_dir: PathBuf,
 }
 
 fn parse_args() -> Args {
@@ -43,6 +46,7 @@ fn parse_args() -> Args {
         profiles_dir: PathBuf::from("profiles"),
         agent: PathBuf::from("target/x86_64-unknown-linux-musl/release/agentlab-agent"),
         baseline: PathBuf::from("target/x86_64-unknown-linux-musl/release/baseline-init"),
+        template_dir: PathBuf::from("build/template"),
     };
     while let Some(flag) = args.next() {
         let value = PathBuf::from(args.next().unwrap_or_else(|| panic!("{flag} needs a value")));
@@ -51,6 +55,7 @@ fn parse_args() -> Args {
             "--profiles-dir" => out.profiles_dir = value,
             "--agent" => out.agent = value,
             "--baseline" => out.baseline = value,
+            "--template-dir" => out.template_dir = value,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -143,6 +148,45 @@ async fn main() {
         agent_rss as f64 / busybox_rss as f64
     );
     agentlab_tests::pve_bench::proxmox_figures(&bin_dir, &args.profiles_dir).await;
+    template_figures(&args, scratch.path(), &shape).await;
+}
+
+/// Boots of the systemd template are slow under TCG; fewer runs keep `make bench` short.
+const TEMPLATE_BOOT_RUNS: usize = 3;
+
+/// Figure 5: the template's size, and its boot to the agent's Hello (systemd starts the
+/// agent from its unit) against the micro image's (the agent is PID 1), interleaved.
+async fn template_figures(args: &Args, scratch: &Path, shape: &Resources) {
+    let disk = args.template_dir.join("disk.qcow2");
+    if !disk.is_file() {
+        println!("template: {} is not built (make template): no template figures", disk.display());
+        return;
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(args.template_dir.join("manifest.json")).unwrap()).unwrap();
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let qcow2 = std::fs::metadata(&disk).unwrap().len();
+    let micro: u64 =
+        ["vmlinux", "initrd.img"].iter().map(|f| std::fs::metadata(args.image_dir.join(f)).unwrap().len()).sum();
+    println!(
+        "template: disk.qcow2 {:8.0} MiB (virtual {}, {} packages); {:.1}x the micro image's vmlinux + initrd ({:.0} MiB)",
+        mib(qcow2),
+        manifest["disk_virtual_size"].as_str().unwrap_or("?"),
+        manifest["packages"].as_object().map_or(0, |p| p.len()),
+        qcow2 as f64 / micro as f64,
+        mib(micro)
+    );
+    let template_backend = backend(&args.template_dir, scratch);
+    let micro_backend = backend(&args.image_dir, scratch);
+    let (mut systemd_ms, mut micro_ms) = (Vec::new(), Vec::new());
+    for run in 0..TEMPLATE_BOOT_RUNS {
+        systemd_ms.push(boot_to_first_message(&template_backend, shape, &format!("template-{run}"), true).await);
+        micro_ms.push(boot_to_first_message(&micro_backend, shape, &format!("micro-{run}"), true).await);
+    }
+    let (systemd, micro) = (median(systemd_ms.clone()), median(micro_ms.clone()));
+    println!("template: QEMU start -> agent Hello (systemd) {systemd:8.0} ms (median; runs {})", fmt_runs(&systemd_ms));
+    println!("template: QEMU start -> agent Hello (micro)   {micro:8.0} ms (median; runs {})", fmt_runs(&micro_ms));
+    println!("template: ratio systemd template / micro image {:8.2}x", systemd / micro);
 }
 
 fn fmt_runs(v: &[f64]) -> String {
@@ -185,9 +229,9 @@ async fn boot_to_first_message(backend: &QemuBackend, shape: &Resources, name: &
     let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
     let started = Instant::now();
     vm.boot().await.unwrap();
-    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
         .await
-        .unwrap_or_else(|_| panic!("{name}: no dial-in within 60 s\n{}", vm.diagnostics()))
+        .unwrap_or_else(|_| panic!("{name}: no dial-in within 120 s\n{}", vm.diagnostics()))
         .unwrap();
     let elapsed;
     if is_agent {
