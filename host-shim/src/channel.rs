@@ -123,6 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     sink.write_all(&data).map_err(SessionError::Store)?;
                     self.send(HostMessage::ArtifactAck { seq }, PHASE).await?;
                     next_seq += 1;
+                    crate::crashpoint::here("mid-artifact");
                 }
                 GuestMessage::ArtifactsDone(summary) => {
                     let sha256: [u8; 32] = hasher.finalize().into();

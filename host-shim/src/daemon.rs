@@ -170,6 +170,7 @@ impl Daemon {
             keepalive,
             phase,
         };
+        crate::crashpoint::here("submitted");
         tokio::spawn(runner::run(self.clone(), job));
         Ok((job_id, sandbox_id))
     }

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod daemon;
 pub mod doctor;
 pub mod hostsetup;

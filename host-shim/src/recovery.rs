@@ -24,8 +24,9 @@ impl Daemon {
         for job_id in &jobs {
             let job = self.store.job(job_id)?;
             let sandbox = self.store.sandbox(&job.sandbox_id)?;
-            let in_session =
-                job.state == JobState::Running || matches!(sandbox.state, SandboxState::Ready | SandboxState::Running);
+            // Only a job that started can be taken back: its agent holds it. One that
+            // had not (even with its agent connected) never will.
+            let in_session = job.state == JobState::Running;
             let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
                 // A Proxmox VM is the reconciler's: it destroys it, then marks the sandbox.
                 _ if sandbox.backend == "proxmox" => {

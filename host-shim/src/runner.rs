@@ -71,6 +71,8 @@ struct Finish {
     sandbox: SandboxState,
     end: JobEnd,
     message: String,
+    /// The job's end is in the database already.
+    recorded: bool,
 }
 
 impl Finish {
@@ -80,6 +82,16 @@ impl Finish {
             sandbox,
             end: JobEnd { error: Some(message.clone()), ..JobEnd::default() },
             message,
+            recorded: false,
+        }
+    }
+
+    /// Stores the job's end (once): before its sandbox goes, so that a crash during the
+    /// teardown cannot lose a result that came in.
+    fn record(&mut self, store: &Store, job_id: &str) {
+        if !self.recorded {
+            set_job(store, job_id, self.job, Some(&self.end), Some(&self.message));
+            self.recorded = true;
         }
     }
 }
@@ -107,13 +119,13 @@ fn record_warnings(store: &Store, job: &QueuedJob, vm: &mut dyn Sandbox) {
 }
 
 pub async fn run(daemon: Arc<Daemon>, job: QueuedJob) {
-    let finish = drive(&daemon, &job).await;
-    conclude(&daemon, &job, &finish);
+    let mut finish = drive(&daemon, &job).await;
+    conclude(&daemon, &job, &mut finish);
 }
 
-/// Records how the job ended and lets go of it.
-fn conclude(daemon: &Daemon, job: &QueuedJob, finish: &Finish) {
-    set_job(&daemon.store, &job.job_id, finish.job, Some(&finish.end), Some(&finish.message));
+/// Records how the job ended (if not yet) and lets go of it.
+fn conclude(daemon: &Daemon, job: &QueuedJob, finish: &mut Finish) {
+    finish.record(&daemon.store, &job.job_id);
     job.log.close();
     daemon.job_done(&job.job_id);
     if let Some(upload) = &job.upload {
@@ -165,6 +177,7 @@ async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     let mut vm = match provisioned.await {
         Ok(vm) => {
             daemon.metrics.provisioned(provisioning.elapsed());
+            crate::crashpoint::here("provisioned");
             vm
         }
         Err(e) => {
@@ -196,16 +209,19 @@ async fn teardown(
     daemon: &Arc<Daemon>,
     job: &QueuedJob,
     vm: Box<dyn Sandbox>,
-    finish: Finish,
+    mut finish: Finish,
     held: Option<Held>,
     admitted: Admitted,
 ) -> Finish {
     let (store, sb) = (&daemon.store, job.sandbox_id.as_str());
+    finish.record(store, &job.job_id);
+    crate::crashpoint::here("result-stored");
     job.phase.send_replace("tearing down");
     set_sandbox(store, sb, finish.sandbox, Some(&finish.message));
     if let Some(held) = held {
         if job.keepalive && job.cancelled.borrow().is_none() {
             keep(daemon, job, vm, held, admitted);
+            crate::crashpoint::here("kept");
             return finish;
         }
         let mut session = held.session;
@@ -235,8 +251,8 @@ pub async fn resume(
 ) {
     let finish = resume_session(&daemon, &job, vm.as_mut(), stored_through).await;
     let (finish, held) = finish;
-    let finish = teardown(&daemon, &job, vm, finish, held, admitted).await;
-    conclude(&daemon, &job, &finish);
+    let mut finish = teardown(&daemon, &job, vm, finish, held, admitted).await;
+    conclude(&daemon, &job, &mut finish);
 }
 
 async fn resume_session(
@@ -371,6 +387,7 @@ async fn boot_and_run(
         daemon.metrics.backend_error("boot");
         return Finish::failed(SandboxState::Failed, format!("booting sandbox {sb} failed: {e}\n{}", vm.diagnostics()));
     }
+    crate::crashpoint::here("booting");
     record_warnings(store, job, vm);
 
     let boot_timeout = daemon.config.boot_timeout;
@@ -488,6 +505,7 @@ async fn run_session(
     let output_bytes = observer.output_bytes;
     let (reason, timed_out) = match ended {
         Ended::Reported(result) => {
+            crate::crashpoint::here("result-received");
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &mut listener };
             job.phase.send_replace("collecting artifacts");
@@ -558,7 +576,7 @@ fn finish_from_result(result: &JobResult, output_bytes: u64, cancelled: Option<&
     if job != JobState::Completed {
         end.error = Some(message.clone());
     }
-    Finish { job, sandbox, end, message }
+    Finish { job, sandbox, end, message, recorded: false }
 }
 
 fn signal_name(signal: i32) -> String {
@@ -627,6 +645,12 @@ impl Collecting<'_, '_> {
 
     /// Unpacks the verified stream (off the async threads) and records what it held.
     async fn store(&mut self, tar: &std::path::Path, dest: &std::path::Path, max_bytes: u64, redactor: &Redactor) {
+        // A job taken back after a restart pushes its artifacts again: the new push
+        // replaces whatever the earlier one stored.
+        if dest.exists() {
+            let _ = std::fs::remove_dir_all(dest);
+        }
+        let _ = self.daemon.store.clear_artifacts(&self.job.job_id);
         let (tar_, dest_, redactor_) = (tar.to_owned(), dest.to_owned(), redactor.clone());
         let unpacked =
             tokio::task::spawn_blocking(move || crate::artifacts::unpack(&tar_, &dest_, max_bytes, &redactor_)).await;
@@ -645,6 +669,7 @@ impl Collecting<'_, '_> {
         if let Err(e) = self.daemon.store.add_artifacts(&self.job.job_id, &self.job.sandbox_id, &unpacked.stored) {
             self.event("artifacts.failed", &format!("recording the artifacts: {e}"));
         }
+        crate::crashpoint::here("artifacts-stored");
     }
 }
 
@@ -760,6 +785,7 @@ impl SessionObserver for Observer<'_> {
         } else {
             let _ = store.record_event(Some(&self.job.job_id), Some(&self.job.sandbox_id), "channel.resumed", &msg);
         }
+        crate::crashpoint::here("handshake");
     }
 
     fn secrets_delivered(&mut self, bundle: &SecretBundle) {
@@ -792,6 +818,7 @@ impl SessionObserver for Observer<'_> {
         let msg = format!("guest pid {pid}");
         set_sandbox(store, &self.job.sandbox_id, SandboxState::Running, None);
         set_job(store, &self.job.job_id, JobState::Running, None, Some(&msg));
+        crate::crashpoint::here("job-started");
     }
 
     /// A chunk is acknowledged once everything through it is in the log (with a
@@ -815,6 +842,9 @@ impl SessionObserver for Observer<'_> {
             self.flush()?;
         }
         self.job.log.checkpoint(chunk.seq)?;
+        if chunk.seq == 2 {
+            crate::crashpoint::here("mid-stream");
+        }
         self.unacked = 0;
         Ok(true)
     }

@@ -438,6 +438,14 @@ impl Store {
         })
     }
 
+    /// Forgets a job's artifacts (before they are collected again).
+    pub fn clear_artifacts(&self, job_id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("DELETE FROM artifacts WHERE job_id = ?1", [job_id])?;
+            Ok(())
+        })
+    }
+
     /// A job's artifacts, by path.
     pub fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactView>, StoreError> {
         self.with(|c| {

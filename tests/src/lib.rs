@@ -152,6 +152,37 @@ impl Daemon {
         self.child = spawn_daemon(self.state.path(), extra, &[]);
     }
 
+    /// Waits (at most `within`) for the daemon to end by itself, as a crash point ends
+    /// it; then starts a new one on the same state, without the crash point.
+    pub fn wait_for_crash_and_restart(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "agentlabd did not reach its crash point:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.child = spawn_daemon(self.state.path(), &[], &[]);
+        status
+    }
+
+    /// Waits until every sandbox is DESTROYED and no sandbox directory is left: a job's
+    /// result is stored before its sandbox is torn down, so the teardown may still run.
+    pub fn wait_for_teardowns(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list: serde_json::Value =
+                serde_json::from_slice(&self.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
+            let all_gone = list.as_array().unwrap().iter().all(|s| s["state"] == "DESTROYED");
+            if all_gone && self.live_sandbox_dirs().is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sandboxes not torn down: {list}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The pids of [`Daemon::processes_using_state`].
     pub fn pids_using_state(&self) -> Vec<u32> {
         let needle = self.state.path().to_str().unwrap().to_owned();

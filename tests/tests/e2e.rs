@@ -33,11 +33,19 @@ fn only_job_id(d: &Daemon) -> String {
     jobs[0]["id"].as_str().unwrap().to_owned()
 }
 
-/// After a job: its sandbox is DESTROYED and nothing of the VM is left behind.
+/// After a job: its sandbox is DESTROYED (the job's result is stored first, so the
+/// teardown may still be under way) and nothing of the VM is left behind.
 fn assert_cleaned_up(d: &Daemon, job: &Value) {
-    let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
-    let sb = sandboxes.as_array().unwrap().iter().find(|s| s["id"] == job["sandbox_id"]).unwrap();
-    assert_eq!(sb["state"], "DESTROYED", "{sb}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sb = loop {
+        let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
+        let sb = sandboxes.as_array().unwrap().iter().find(|s| s["id"] == job["sandbox_id"]).unwrap().clone();
+        if sb["state"] == "DESTROYED" {
+            break sb;
+        }
+        assert!(Instant::now() < deadline, "the sandbox was not torn down: {sb}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     // KVM only after a successful probe boot; otherwise the log says why not.
     match sb["accel"].as_str() {
         Some("kvm") => {}
@@ -104,11 +112,13 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
         missing["message"],
         "profile yolo-ephemeral names secrets bundle \"default\", which does not exist: the job runs without secrets (create it with `agentlab secrets set --bundle default --env NAME`)"
     );
+    // The result is stored before the sandbox goes; the teardown follows.
+    assert_cleaned_up(&d, &job);
+    let job = d.job_json(job["id"].as_str().unwrap());
     assert_eq!(
         transitions(&job, "sandbox.state"),
         ["PROVISIONING", "BOOTING", "READY", "RUNNING", "COMPLETED", "DESTROYED"]
     );
-    assert_cleaned_up(&d, &job);
 
     // `job show` reads the same record back as text.
     let again = d.cli(&["job", "show", job["id"].as_str().unwrap()]);
@@ -644,6 +654,19 @@ fn wait_for_sandbox_state(d: &Daemon, id: &str, state: &str, within: Duration) -
     }
 }
 
+/// Waits until the sandbox is kept after its job (the result is stored first).
+fn wait_until_kept(d: &Daemon, sb: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = sandbox_json(d, sb);
+        if event_kinds(&view).iter().any(|k| k == "sandbox.kept") {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "the sandbox was never kept: {view:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn event_kinds(view: &Value) -> Vec<String> {
     view["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
 }
@@ -658,7 +681,7 @@ fn a_kept_sandbox_lives_until_its_lease_ends_and_renewal_moves_the_end() {
     assert_eq!(stdout(&out), "kept\n");
     let job = d.job_json(&only_job_id(&d));
     let sb = job["sandbox_id"].as_str().unwrap();
-    let view = sandbox_json(&d, sb);
+    let view = wait_until_kept(&d, sb);
     assert_eq!((view["state"].as_str(), view["keepalive"].as_bool()), (Some("COMPLETED"), Some(true)), "{view:#}");
     assert!(event_kinds(&view).contains(&"sandbox.kept".to_owned()), "{view:#}");
     assert_eq!(d.processes_using_state().len(), 2, "the VM and its device stay");
@@ -721,7 +744,7 @@ fn leases_and_destroy_stop_running_jobs_and_prune_ends_kept_sandboxes() {
     assert!(out.status.success(), "{}", describe(&out));
     let kept = d.job_json(&only_job_id(&d));
     let kept_sb = kept["sandbox_id"].as_str().unwrap();
-    assert_eq!(sandbox_json(&d, kept_sb)["state"], "COMPLETED");
+    assert_eq!(wait_until_kept(&d, kept_sb)["state"], "COMPLETED");
     assert_eq!(stdout(&d.cli(&["sandbox", "prune"])), format!("{kept_sb}: destroyed\n"));
     assert_eq!(sandbox_json(&d, kept_sb)["state"], "DESTROYED");
     assert_eq!(stdout(&d.cli(&["sandbox", "prune"])), "no sandbox is kept after its job\n");
@@ -876,7 +899,7 @@ fn hostile_frames_close_that_session_and_the_daemon_keeps_serving() {
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "uname -r"]);
     assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
     assert_eq!(stdout(&out), format!("{}\n", guest_kernel()));
-    assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());
+    d.wait_for_teardowns();
 }
 
 #[test]

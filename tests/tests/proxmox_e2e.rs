@@ -53,6 +53,7 @@ fn a_job_submitted_with_the_proxmox_backend_runs_in_a_real_microvm_and_its_vm_is
     assert_eq!(job["guest_kernel"], kernel.as_str());
     let provisioned = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.provisioned").unwrap();
     assert!(provisioned["message"].as_str().unwrap().contains("VM 100000 on node pve1"), "{provisioned}");
+    d.wait_for_teardowns();
     let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
     assert_eq!(sandboxes[0]["state"], "DESTROYED");
     assert_eq!(sandboxes[0]["backend"], "proxmox");

@@ -61,6 +61,7 @@ fn systemd_starts_the_agent_in_the_template_and_a_job_runs_end_to_end() {
         (Some("agent"), Some(1000), Some(true)),
         "{e}"
     );
+    d.wait_for_teardowns();
     let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
     assert_eq!(sandboxes[0]["state"], "DESTROYED", "{sandboxes}");
     assert_eq!(d.live_sandbox_dirs(), Vec::<PathBuf>::new());

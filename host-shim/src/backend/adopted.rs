@@ -52,7 +52,8 @@ fn start_time(pid: i32) -> Option<u64> {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
-    pub qemu: ProcessId,
+    /// None until the VM boots.
+    pub qemu: Option<ProcessId>,
     pub vhost: ProcessId,
     pub cpus: u32,
     pub memory_mb: u32,
@@ -73,8 +74,14 @@ impl VmRecord {
 
     /// Kills whatever of the VM is still running.
     pub fn kill(&self) {
-        self.qemu.signal(Signal::SIGKILL);
+        if let Some(qemu) = &self.qemu {
+            qemu.signal(Signal::SIGKILL);
+        }
         self.vhost.signal(Signal::SIGKILL);
+    }
+
+    fn qemu_alive(&self) -> bool {
+        self.qemu.as_ref().is_some_and(ProcessId::alive)
     }
 }
 
@@ -88,7 +95,7 @@ impl AdoptedVm {
     /// The VM in `dir`, if its record is there and its QEMU still runs.
     pub fn find(dir: &Path) -> Option<AdoptedVm> {
         let record = VmRecord::read(dir)?;
-        record.qemu.alive().then(|| AdoptedVm { dir: dir.to_owned(), record })
+        record.qemu_alive().then(|| AdoptedVm { dir: dir.to_owned(), record })
     }
 }
 
@@ -106,10 +113,10 @@ impl Sandbox for AdoptedVm {
     }
 
     async fn exited(&mut self) -> VmExit {
-        while self.record.qemu.alive() {
+        while self.record.qemu_alive() {
             tokio::time::sleep(POLL).await;
         }
-        VmExit { description: format!("QEMU (pid {}) exited", self.record.qemu.pid) }
+        VmExit { description: "QEMU exited".to_owned() }
     }
 
     fn accel(&self) -> Option<String> {
@@ -141,7 +148,7 @@ impl Sandbox for AdoptedVm {
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {
         // The agent powers off once told the result is stored; if it does not, kill.
         let deadline = tokio::time::Instant::now() + POWEROFF_GRACE;
-        while self.record.qemu.alive() && tokio::time::Instant::now() < deadline {
+        while self.record.qemu_alive() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
         }
         self.record.kill();
@@ -174,7 +181,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gone = ProcessId { pid: i32::MAX, start_time: 1 };
         let record = VmRecord {
-            qemu: gone.clone(),
+            qemu: Some(gone.clone()),
             vhost: gone,
             cpus: 2,
             memory_mb: 512,

@@ -406,6 +406,21 @@ impl QemuSandbox {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Recorded at once: should the daemon die before the VM boots, the next one
+        // finds the device process and ends it.
+        if let Some(vhost) = child.id().and_then(ProcessId::of) {
+            let record = VmRecord {
+                qemu: None,
+                vhost,
+                cpus: self.cpus,
+                memory_mb: self.memory_mb,
+                accel: self.accel.to_owned(),
+                console_log: self.console_log.clone(),
+            };
+            record
+                .write(&self.dir)
+                .map_err(|source| BackendError::Io { context: format!("recording {}", self.dir.display()), source })?;
+        }
         self.vhost = Some(child);
         Ok(())
     }
@@ -459,7 +474,7 @@ impl Sandbox for QemuSandbox {
         self.qemu = Some(child);
         if let (Some(qemu), Some(vhost)) = processes {
             let record = VmRecord {
-                qemu,
+                qemu: Some(qemu),
                 vhost,
                 cpus: self.cpus,
                 memory_mb: self.memory_mb,

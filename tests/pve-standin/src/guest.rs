@@ -141,7 +141,10 @@ async fn fake_agent(socket: &Path) {
     let hello = Hello {
         min_version: 1,
         max_version: 1,
-        capabilities: Capabilities::ALL,
+        // What this fake does: uploads, acknowledged output, its (empty) secrets.
+        capabilities: Capabilities(
+            Capabilities::WORKDIR_UPLOAD.0 | Capabilities::OUTPUT_ACK.0 | Capabilities::SECRETS.0,
+        ),
         agent_version: "fake-0.1.0".into(),
         kernel_release: "stand-in".into(),
         landlock_abi: 0,
@@ -151,6 +154,10 @@ async fn fake_agent(socket: &Path) {
     }
     let Ok(Some(HostMessage::Job(spec))) = conn.recv().await else { return };
     let command = spec.args.last().cloned().unwrap_or_default();
+    if conn.send(GuestMessage::RequestSecrets).await.is_err() {
+        return;
+    }
+    let Ok(Some(HostMessage::Secrets(_))) = conn.recv().await else { return };
     // A workdir upload is taken and acknowledged chunk by chunk, then dropped.
     let mut remaining = spec.workdir_upload_bytes.unwrap_or(0);
     while remaining > 0 {
