@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use agentlab_protocol::{
     ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN,
-    MessageKind, ProtocolError,
+    MessageKind, ProtocolError, encode_message,
 };
 use agentlab_redact::{RedactReader, Redactor};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -41,27 +41,33 @@ pub async fn push<S: Stream>(
 ) -> Result<ArtifactSummary, ProtocolError> {
     let (writer, mut reader) = tokio::io::duplex(PIPE_BYTES);
     let (request_, workdir_, redactor_) = (request.clone(), workdir.to_owned(), redactor.clone());
+    // The builder's thread hashes what it writes, so hashing overlaps the sending.
     let builder = tokio::task::spawn_blocking(move || {
-        let mut tar = tar::Builder::new(SyncIoBridge::new(writer));
+        let mut tar = tar::Builder::new(Hashing { inner: SyncIoBridge::new(writer), hasher: Sha256::new() });
         let skipped = write_tar(&mut tar, &request_, &workdir_, agent_files, &redactor_);
-        let finished = tar.into_inner().map(drop);
-        (skipped, finished)
+        match tar.into_inner() {
+            Ok(mut hashing) => {
+                let flushed = std::io::Write::flush(&mut hashing.inner);
+                (skipped, flushed.map(|()| hashing.hasher.finalize().into()))
+            }
+            Err(e) => (skipped, Err(e)),
+        }
     });
 
-    let mut hasher = Sha256::new();
     let (mut sent, mut acked, mut bytes) = (0u64, 0u64, 0u64);
-    let mut buf = vec![0u8; MAX_CHUNK_LEN];
     let mut eof = false;
     while !eof || acked < sent {
         if !eof && sent - acked < CHUNK_WINDOW {
-            let n = reader.read(&mut buf).await.map_err(|e| ProtocolError::io("reading the artifact tar", e))?;
+            let mut data = Vec::with_capacity(MAX_CHUNK_LEN);
+            let n = reader.read_buf(&mut data).await.map_err(|e| ProtocolError::io("reading the artifact tar", e))?;
             if n == 0 {
                 eof = true;
                 continue;
             }
-            hasher.update(&buf[..n]);
             bytes += n as u64;
-            conn.send(GuestMessage::ArtifactChunk { seq: sent, data: buf[..n].to_vec() }).await?;
+            // Encoded once and written as it is (artifacts are redacted already).
+            let frame = encode_message(&GuestMessage::ArtifactChunk { seq: sent, data })?;
+            conn.send_frame(&frame).await?;
             sent += 1;
             continue;
         }
@@ -72,12 +78,32 @@ pub async fn push<S: Stream>(
     }
     let (mut skipped, finished) =
         builder.await.map_err(|e| ProtocolError::io("building the artifact tar", std::io::Error::other(e)))?;
-    if let Err(e) = finished {
+    // An unfinished archive gets no hash: the host refuses it, with the reason recorded.
+    let sha256 = finished.unwrap_or_else(|e| {
         skipped.push(format!("(archive): not finished: {e}"));
-    }
-    let summary = ArtifactSummary { bytes, sha256: hasher.finalize().into(), skipped };
+        [0; 32]
+    });
+    let summary = ArtifactSummary { bytes, sha256, skipped };
     conn.send(GuestMessage::ArtifactsDone(summary.clone())).await?;
     Ok(summary)
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn glob_set(globs: &[String], skipped: &mut Vec<String>) -> GlobSet {

@@ -243,7 +243,7 @@ async fn run_sandboxed(
                 }
             },
             chunk = rx.recv(), if can_read && pipes_open => match chunk {
-                Some((stream, data)) => output.push(stream, &data),
+                Some((stream, data)) => output.push(stream, data),
                 None => {
                     pipes_open = false;
                     output.flush();
@@ -292,18 +292,30 @@ struct RedactedOutput<'r> {
     stderr: RedactStream<'r>,
     ready: Vec<(OutputStream, Vec<u8>)>,
     flush_at: Option<Instant>,
+    /// No secrets: output passes as it is, without a copy.
+    redacts_nothing: bool,
 }
 
 impl<'r> RedactedOutput<'r> {
     fn new(redactor: &'r Redactor) -> Self {
-        RedactedOutput { stdout: redactor.stream(), stderr: redactor.stream(), ready: Vec::new(), flush_at: None }
+        RedactedOutput {
+            stdout: redactor.stream(),
+            stderr: redactor.stream(),
+            ready: Vec::new(),
+            flush_at: None,
+            redacts_nothing: redactor.is_empty(),
+        }
     }
 
-    fn push(&mut self, stream: OutputStream, data: &[u8]) {
+    fn push(&mut self, stream: OutputStream, data: Vec<u8>) {
+        if self.redacts_nothing {
+            self.ready.push((stream, data));
+            return;
+        }
         let mut out = Vec::with_capacity(data.len());
         match stream {
-            OutputStream::Stdout => self.stdout.push(data, &mut out),
-            OutputStream::Stderr => self.stderr.push(data, &mut out),
+            OutputStream::Stdout => self.stdout.push(&data, &mut out),
+            OutputStream::Stderr => self.stderr.push(&data, &mut out),
         }
         if !out.is_empty() {
             self.ready.push((stream, out));
@@ -330,7 +342,7 @@ impl<'r> RedactedOutput<'r> {
         let mut bytes = 0;
         for (stream, data) in self.ready.drain(..) {
             bytes += data.len() as u64;
-            link.queue(stream, &data);
+            link.queue(stream, data);
         }
         bytes
     }
@@ -356,13 +368,25 @@ fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> J
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(mut pipe: R, stream: OutputStream, tx: mpsc::Sender<(OutputStream, Vec<u8>)>) {
-    let mut buf = vec![0u8; agentlab_protocol::MAX_CHUNK_LEN];
+/// How much of the job's output one read takes: a pipe this large lets a fast writer
+/// hand over several chunks per wake-up (context switches are dear, under TCG most).
+const PIPE_BYTES: usize = 1024 * 1024;
+
+/// Reads a pipe into fresh buffers, which travel on without a copy.
+async fn pump<R: AsyncRead + Unpin + AsRawFd>(
+    mut pipe: R,
+    stream: OutputStream,
+    tx: mpsc::Sender<(OutputStream, Vec<u8>)>,
+) {
+    // SAFETY: fcntl on a descriptor this pipe owns and keeps open; no memory is passed.
+    // Failure (a limit in /proc/sys/fs/pipe-max-size) only costs speed.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) };
     loop {
-        match pipe.read(&mut buf).await {
+        let mut buf = Vec::with_capacity(PIPE_BYTES);
+        match pipe.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if tx.send((stream, buf[..n].to_vec())).await.is_err() {
+            Ok(_) => {
+                if tx.send((stream, buf)).await.is_err() {
                     return;
                 }
             }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentlab_protocol::{
     CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN, MessageKind, OutputChunk, OutputStream,
+    encode_message,
 };
 use tokio::task::JoinHandle;
 
@@ -87,15 +88,24 @@ impl Link {
     }
 
     /// Queues output, cut to chunk size; past [`MAX_BUFFERED`] it is counted and dropped.
-    pub fn queue(&mut self, stream: OutputStream, data: &[u8]) {
-        for piece in data.chunks(MAX_CHUNK_LEN) {
-            if self.buffered + piece.len() > MAX_BUFFERED {
-                self.dropped += piece.len() as u64;
-                continue;
-            }
-            self.buffered += piece.len();
-            self.pending.push_back((stream, piece.to_vec()));
+    pub fn queue(&mut self, stream: OutputStream, data: Vec<u8>) {
+        if data.len() <= MAX_CHUNK_LEN {
+            // The common case: the buffer moves on as it is.
+            self.queue_piece(stream, data);
+            return;
         }
+        for piece in data.chunks(MAX_CHUNK_LEN) {
+            self.queue_piece(stream, piece.to_vec());
+        }
+    }
+
+    fn queue_piece(&mut self, stream: OutputStream, piece: Vec<u8>) {
+        if self.buffered + piece.len() > MAX_BUFFERED {
+            self.dropped += piece.len() as u64;
+            return;
+        }
+        self.buffered += piece.len();
+        self.pending.push_back((stream, piece));
     }
 
     /// Sends queued output while the window allows.
@@ -103,8 +113,15 @@ impl Link {
         while (self.unacked.len() as u64) < CHUNK_WINDOW {
             let Some(conn) = self.conn.as_mut() else { return };
             let Some((stream, data)) = self.pending.pop_front() else { return };
-            let chunk = OutputChunk { seq: self.next_seq, stream, data };
-            match conn.send(GuestMessage::Output(chunk.clone())).await {
+            // Encoded once and written as it is; the chunk itself stays for a resend.
+            let msg = GuestMessage::Output(OutputChunk { seq: self.next_seq, stream, data });
+            let frame = encode_message(&msg);
+            let GuestMessage::Output(chunk) = msg else { return };
+            let sent = match frame {
+                Ok(frame) => conn.send_frame(&frame).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(()) => {
                     self.next_seq += 1;
                     self.unacked.push_back(chunk);

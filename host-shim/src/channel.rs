@@ -159,11 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         upload: Option<&Path>,
         observer: &mut dyn SessionObserver,
     ) -> Result<JobResult, SessionError> {
-        sandbox_id.clone_into(&mut self.sandbox_id);
-        let (hello, ack) = host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
-            ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
-            other => other.into(),
-        })?;
+        let (hello, ack) = self.handshake(sandbox_id).await?;
         observer.handshake_done(&hello, &ack);
         self.capabilities = ack.capabilities;
         self.send(HostMessage::Job(spec), "before the job started").await?;
@@ -188,11 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         stored_through: Option<u64>,
         observer: &mut dyn SessionObserver,
     ) -> Result<JobResult, SessionError> {
-        sandbox_id.clone_into(&mut self.sandbox_id);
-        let (hello, ack) = host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
-            ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
-            other => other.into(),
-        })?;
+        let (hello, ack) = self.handshake(sandbox_id).await?;
         if !ack.capabilities.contains(Capabilities::RESUME) {
             return Err(SessionError::Violation {
                 phase: "after agentlabd restarted",
@@ -204,6 +196,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         let resume = HostMessage::ResumeJob { job_id: job_id.to_owned(), stored_through };
         self.send(resume, "after agentlabd restarted").await?;
         self.stream_output(observer, true, stored_through.map_or(0, |s| s + 1)).await
+    }
+
+    async fn handshake(&mut self, sandbox_id: &str) -> Result<(Hello, HelloAck), SessionError> {
+        sandbox_id.clone_into(&mut self.sandbox_id);
+        host_handshake(&mut self.conn, sandbox_id).await.map_err(|e| match e {
+            ProtocolError::Closed { .. } => SessionError::Disconnected { phase: "before its Hello" },
+            other => other.into(),
+        })
     }
 
     /// Answers the agent's one request for secrets.

@@ -132,6 +132,17 @@ where
         Ok(())
     }
 
+    /// Writes a frame already encoded with [`encode_message`] straight to the stream,
+    /// after whatever the codec holds: one copy fewer than [`Self::send`], for bulk
+    /// data. Not wiped: use it for nothing secret.
+    pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
+        use tokio::io::AsyncWriteExt;
+        SinkExt::<Out>::flush(&mut self.framed).await?;
+        let stream = self.framed.get_mut();
+        stream.write_all(frame).await.map_err(|e| ProtocolError::io("sending a frame", e))?;
+        Ok(())
+    }
+
     /// Queues one message without flushing; call [`Self::flush`] after a batch.
     pub async fn feed(&mut self, msg: Out) -> Result<(), ProtocolError> {
         self.framed.feed(msg).await

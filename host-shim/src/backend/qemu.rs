@@ -409,20 +409,25 @@ impl QemuSandbox {
         // Recorded at once: should the daemon die before the VM boots, the next one
         // finds the device process and ends it.
         if let Some(vhost) = child.id().and_then(ProcessId::of) {
-            let record = VmRecord {
-                qemu: None,
-                vhost,
-                cpus: self.cpus,
-                memory_mb: self.memory_mb,
-                accel: self.accel.to_owned(),
-                console_log: self.console_log.clone(),
-            };
-            record
-                .write(&self.dir)
-                .map_err(|source| BackendError::Io { context: format!("recording {}", self.dir.display()), source })?;
+            self.record(None, vhost)?;
         }
         self.vhost = Some(child);
         Ok(())
+    }
+
+    /// Writes `vm.json`: which processes are this VM's, for a daemon that restarts.
+    fn record(&self, qemu: Option<ProcessId>, vhost: ProcessId) -> Result<(), BackendError> {
+        let record = VmRecord {
+            qemu,
+            vhost,
+            cpus: self.cpus,
+            memory_mb: self.memory_mb,
+            accel: self.accel.to_owned(),
+            console_log: self.console_log.clone(),
+        };
+        record
+            .write(&self.dir)
+            .map_err(|source| BackendError::Io { context: format!("recording {}", self.dir.display()), source })
     }
 
     fn qemu_args(&self) -> Vec<String> {
@@ -473,17 +478,7 @@ impl Sandbox for QemuSandbox {
             (child.id().and_then(ProcessId::of), self.vhost.as_ref().and_then(|v| v.id()).and_then(ProcessId::of));
         self.qemu = Some(child);
         if let (Some(qemu), Some(vhost)) = processes {
-            let record = VmRecord {
-                qemu: Some(qemu),
-                vhost,
-                cpus: self.cpus,
-                memory_mb: self.memory_mb,
-                accel: self.accel.to_owned(),
-                console_log: self.console_log.clone(),
-            };
-            record
-                .write(&self.dir)
-                .map_err(|source| BackendError::Io { context: format!("recording {}", self.dir.display()), source })?;
+            self.record(Some(qemu), vhost)?;
         }
         Ok(())
     }

@@ -511,7 +511,11 @@ async fn job_stream_mb_per_s(backend: &QemuBackend, shape: &Resources, scratch: 
         program: "/bin/sh".into(),
         args: vec![
             "-c".into(),
-            format!("head -c {STREAM_BYTES} /dev/zero; mkdir -p out && head -c {STREAM_BYTES} /dev/zero > out/big.bin"),
+            // dd with 1 MiB blocks: busybox head's small writes would measure the job itself.
+            format!(
+                "dd if=/dev/zero bs=1M count={mib} 2>/dev/null; mkdir -p out && dd if=/dev/zero bs=1M count={mib} of=out/big.bin 2>/dev/null",
+                mib = STREAM_BYTES >> 20
+            ),
         ],
         env: Vec::new(),
         workdir: "/workspace".into(),
