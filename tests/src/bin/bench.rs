@@ -275,7 +275,7 @@ fn submit_to_first_byte(image_dir: &Path, profiles_dir: &Path) -> (f64, f64) {
     let mut cli = Command::new(bin_dir.join("agentlab"))
         .arg("--socket")
         .arg(&socket)
-        .args(["job", "submit", "--follow", "--cmd", "echo first-byte"])
+        .args(["job", "submit", "--follow", "--quiet", "--cmd", "echo first-byte"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
