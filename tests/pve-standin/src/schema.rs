@@ -1,5 +1,5 @@
 //! Request validation against the official PVE API schema (the subset in
-//! shared/pve-api): unknown parameters, missing ones, types, ranges, enums, lengths,
+//! schema/, a copy of shared/pve-api): unknown parameters, missing ones, types, ranges, enums, lengths,
 //! patterns, named formats and property strings (`net0: virtio,bridge=vmbr1`).
 //! Messages follow PVE::JSONSchema's wording.
 
@@ -15,13 +15,13 @@ pub struct Schema {
     paths: Vec<(Vec<String>, String, Value)>,
 }
 
-/// Where the schema files live: $AGENTLAB_PVE_SCHEMA_DIR, else `shared/pve-api` beside
-/// the repository.
+/// Where the schema files live: $AGENTLAB_PVE_SCHEMA_DIR, else the copy in this
+/// crate's `schema/` (see its README).
 pub fn schema_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("AGENTLAB_PVE_SCHEMA_DIR") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/pve-api")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schema")
 }
 
 pub type Errors = BTreeMap<String, String>;
@@ -30,7 +30,7 @@ impl Schema {
     pub fn load(version: u8) -> Result<Schema, String> {
         let path = schema_dir().join(format!("pve{version}-schema-subset.json"));
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!("{}: {e} (set AGENTLAB_PVE_SCHEMA_DIR to the shared/pve-api directory)", path.display())
+            format!("{}: {e} (set AGENTLAB_PVE_SCHEMA_DIR to a directory holding the schema files)", path.display())
         })?;
         let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let paths = doc
