@@ -23,7 +23,9 @@ pub const AGENT_DIR: &str = ".agentlab";
 /// Deepest directory walked.
 const MAX_DEPTH: usize = 64;
 /// Bytes buffered between the tar builder and the channel.
-const PIPE_BYTES: usize = 256 * 1024;
+const PIPE_BYTES: usize = 1024 * 1024;
+/// Read and write sizes around the tar builder (which copies in 8 KiB pieces).
+const IO_BYTES: usize = 256 * 1024;
 
 /// Files the agent adds itself, whatever the globs say.
 pub struct AgentFiles {
@@ -43,7 +45,10 @@ pub async fn push<S: Stream>(
     let (request_, workdir_, redactor_) = (request.clone(), workdir.to_owned(), redactor.clone());
     // The builder's thread hashes what it writes, so hashing overlaps the sending.
     let builder = tokio::task::spawn_blocking(move || {
-        let mut tar = tar::Builder::new(Hashing { inner: SyncIoBridge::new(writer), hasher: Sha256::new() });
+        // tar copies in 8 KiB pieces; each write to the bridge is a hand-off to the
+        // runtime, so they are gathered into large ones first.
+        let bridge = std::io::BufWriter::with_capacity(IO_BYTES, SyncIoBridge::new(writer));
+        let mut tar = tar::Builder::new(Hashing { inner: bridge, hasher: Sha256::new() });
         let skipped = write_tar(&mut tar, &request_, &workdir_, agent_files, &redactor_);
         match tar.into_inner() {
             Ok(mut hashing) => {
@@ -219,7 +224,8 @@ fn append_file<W: std::io::Write>(
             meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs()),
         );
         header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, relative, file.take(meta.len())).map_err(|e| e.to_string())?;
+        let reader = std::io::BufReader::with_capacity(IO_BYTES, file.take(meta.len()));
+        tar.append_data(&mut header, relative, reader).map_err(|e| e.to_string())?;
         return Ok(meta.len());
     }
     // Redaction changes the length, which the tar header needs first: one pass to
