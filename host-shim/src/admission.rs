@@ -15,6 +15,12 @@ pub struct Budget {
     pub memory_mb: u64,
 }
 
+impl Budget {
+    /// No limit but each profile's `max_sandboxes`: the Proxmox backend's default,
+    /// where placement, not this host's size, decides whether a VM fits the cluster.
+    pub const UNLIMITED: Budget = Budget { cores: u32::MAX, memory_mb: u64::MAX };
+}
+
 /// What one sandbox takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Need {
@@ -151,8 +157,8 @@ impl Admission {
     }
 
     fn fits(&self, state: &State, need: &Need) -> bool {
-        state.cores + need.cores <= self.budget.cores
-            && state.memory_mb + need.memory_mb <= self.budget.memory_mb
+        state.cores.saturating_add(need.cores) <= self.budget.cores
+            && state.memory_mb.saturating_add(need.memory_mb) <= self.budget.memory_mb
             && (need.profile_max == 0 || state.per_profile.get(&need.profile).copied().unwrap_or(0) < need.profile_max)
     }
 
@@ -166,10 +172,10 @@ impl Admission {
         } else {
             let need = &state.queue[0].1;
             let mut missing = Vec::new();
-            if state.cores + need.cores > self.budget.cores {
+            if state.cores.saturating_add(need.cores) > self.budget.cores {
                 missing.push(format!("{} vCPUs ({} of {} in use)", need.cores, state.cores, self.budget.cores));
             }
-            if state.memory_mb + need.memory_mb > self.budget.memory_mb {
+            if state.memory_mb.saturating_add(need.memory_mb) > self.budget.memory_mb {
                 missing.push(format!(
                     "{} MiB of memory ({} of {} MiB in use)",
                     need.memory_mb, state.memory_mb, self.budget.memory_mb
@@ -240,6 +246,21 @@ mod tests {
         let fourth = tokio::time::timeout(Duration::from_secs(1), fourth).await.unwrap().unwrap();
         assert_eq!(a.in_use(), (3, 1536));
         drop((third, fourth));
+        assert_eq!(a.in_use(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_unlimited_budget_admits_without_queueing_but_keeps_profile_limits() {
+        let a = Admission::new(Budget::UNLIMITED);
+        let mut held = Vec::new();
+        for n in 0..500 {
+            let job = format!("job-{n}");
+            held.push(a.acquire(&job, need(64, 262_144, "big", 0), |_| panic!("{job} should not wait")).await.unwrap());
+        }
+        assert_eq!(a.in_use(), (500 * 64, 500 * 262_144));
+        let solo = a.acquire("solo-1", need(1, 256, "solo", 1), |_| {}).await.unwrap();
+        assert!(admitted_soon(a.acquire("solo-2", need(1, 256, "solo", 1), |_| {})).await.is_none());
+        drop((held, solo));
         assert_eq!(a.in_use(), (0, 0));
     }
 

@@ -51,10 +51,11 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     max_log_mb: u64,
     /// vCPUs all sandboxes together may have; more jobs wait in the queue
-    /// [default: 4 per host CPU].
+    /// [default: 4 per host CPU with the qemu backend, none with proxmox].
     #[arg(long)]
     budget_cores: Option<u32>,
-    /// Memory all sandboxes together may have, MiB [default: 90% of the host's].
+    /// Memory all sandboxes together may have, MiB [default: 90% of the host's with the
+    /// qemu backend, none with proxmox].
     #[arg(long)]
     budget_memory_mb: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given), e.g. 127.0.0.1:9477.
@@ -130,6 +131,11 @@ async fn run(args: Args) -> Result<(), String> {
     config.profiles_dir = std::path::absolute(&args.profiles_dir).map_err(|e| format!("--profiles-dir: {e}"))?;
     config.boot_timeout = args.boot_timeout;
     config.max_log_bytes = args.max_log_mb.saturating_mul(1024 * 1024);
+    if args.backend == BackendKind::Proxmox {
+        // A cluster's capacity is placement's business (it reads /cluster/resources):
+        // no budget of this host's size applies unless one is given.
+        config.budget = agentlab_host::admission::Budget::UNLIMITED;
+    }
     if let Some(cores) = args.budget_cores {
         config.budget.cores = cores;
     }
