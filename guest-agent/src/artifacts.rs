@@ -3,7 +3,7 @@
 //! its SHA-256. The job is over (its process group killed) before this runs, so the
 //! files hold still. Symlinks are never followed, and nothing but regular files goes in.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use agentlab_protocol::{
@@ -216,14 +216,10 @@ fn append_file<W: std::io::Write>(
         .open(workdir.join(relative))
         .map_err(|e| e.to_string())?;
     let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
     if redactor.is_empty() {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(meta.len());
-        header.set_mode(mode);
-        header.set_mtime(
-            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs()),
-        );
-        header.set_entry_type(tar::EntryType::Regular);
+        let mut header = regular_header(meta.len(), mode, mtime);
         let reader = std::io::BufReader::with_capacity(IO_BYTES, file.take(meta.len()));
         tar.append_data(&mut header, relative, reader).map_err(|e| e.to_string())?;
         return Ok(meta.len());
@@ -231,18 +227,20 @@ fn append_file<W: std::io::Write>(
     // Redaction changes the length, which the tar header needs first: one pass to
     // measure, one to send. The job is over, so the file holds still in between.
     let length = redactor.redacted_len(&file).map_err(|e| e.to_string())?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(workdir.join(relative))
-        .map_err(|e| e.to_string())?;
-    let mut header = tar::Header::new_gnu();
-    header.set_size(length);
-    header.set_mode(mode);
-    header.set_entry_type(tar::EntryType::Regular);
+    (&file).seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    let mut header = regular_header(length, mode, mtime);
     tar.append_data(&mut header, relative, RedactReader::new(file, redactor).take(length))
         .map_err(|e| e.to_string())?;
     Ok(length)
+}
+
+fn regular_header(size: u64, mode: u32, mtime: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(mode);
+    header.set_mtime(mtime);
+    header.set_entry_type(tar::EntryType::Regular);
+    header
 }
 
 fn append_bytes<W: std::io::Write>(
@@ -251,10 +249,7 @@ fn append_bytes<W: std::io::Write>(
     bytes: &[u8],
     mode: u32,
 ) -> std::io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(bytes.len() as u64);
-    header.set_mode(mode);
-    header.set_entry_type(tar::EntryType::Regular);
+    let mut header = regular_header(bytes.len() as u64, mode, 0);
     tar.append_data(&mut header, path, bytes)
 }
 

@@ -203,13 +203,7 @@ pub fn read_env_secrets(dir: &Path) -> std::io::Result<Vec<(String, zeroize::Zer
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let probe = agentlab_protocol::SecretEntry {
-            kind: SecretKind::Env,
-            name: name.clone(),
-            value: agentlab_protocol::SecretBytes::copy_from(b"x"),
-        };
-        let valid_name = probe.validate().is_ok() || name == agentlab_protocol::GIT_TOKEN_ENV;
-        if !valid_name || out.len() == agentlab_protocol::MAX_SECRET_ENTRIES {
+        if SecretKind::Env.validate_name(&name).is_err() || out.len() == agentlab_protocol::MAX_SECRET_ENTRIES {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected secret {name:?}")));
         }
         let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(entry.path())?;

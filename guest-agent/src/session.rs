@@ -287,7 +287,7 @@ async fn connect(args: &RunArgs, target: &str) -> Result<BoxStream, AgentError> 
     loop {
         match connect_once(args).await {
             Ok(stream) => return Ok(stream),
-            Err(AgentError::Protocol(source)) if started.elapsed() >= CONNECT_TIMEOUT => {
+            Err(source) if started.elapsed() >= CONNECT_TIMEOUT => {
                 return Err(AgentError::Connect { target: target.to_owned(), secs: CONNECT_TIMEOUT.as_secs(), source });
             }
             Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
@@ -295,7 +295,7 @@ async fn connect(args: &RunArgs, target: &str) -> Result<BoxStream, AgentError> 
     }
 }
 
-async fn connect_once(args: &RunArgs) -> Result<BoxStream, AgentError> {
+async fn connect_once(args: &RunArgs) -> Result<BoxStream, ProtocolError> {
     let stream = match &args.unix {
         Some(path) => tokio::net::UnixStream::connect(path)
             .await

@@ -92,10 +92,6 @@ impl Admission {
         Arc::new(Admission { budget, state: Mutex::new(State::default()), changed: Notify::new() })
     }
 
-    pub fn budget(&self) -> Budget {
-        self.budget
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -157,9 +153,26 @@ impl Admission {
     }
 
     fn fits(&self, state: &State, need: &Need) -> bool {
-        state.cores.saturating_add(need.cores) <= self.budget.cores
-            && state.memory_mb.saturating_add(need.memory_mb) <= self.budget.memory_mb
-            && (need.profile_max == 0 || state.per_profile.get(&need.profile).copied().unwrap_or(0) < need.profile_max)
+        self.missing(state, need).is_empty()
+    }
+
+    /// What `need` lacks to be admitted now, in words; empty if it fits.
+    fn missing(&self, state: &State, need: &Need) -> Vec<String> {
+        let mut missing = Vec::new();
+        if state.cores.saturating_add(need.cores) > self.budget.cores {
+            missing.push(format!("{} vCPUs ({} of {} in use)", need.cores, state.cores, self.budget.cores));
+        }
+        if state.memory_mb.saturating_add(need.memory_mb) > self.budget.memory_mb {
+            missing.push(format!(
+                "{} MiB of memory ({} of {} MiB in use)",
+                need.memory_mb, state.memory_mb, self.budget.memory_mb
+            ));
+        }
+        let running = state.per_profile.get(&need.profile).copied().unwrap_or(0);
+        if need.profile_max > 0 && running >= need.profile_max {
+            missing.push(format!("a free slot of profile {} (max_sandboxes {})", need.profile, need.profile_max));
+        }
+        missing
     }
 
     /// Where a queued job stands and what it waits for; `None` if it is not queued.
@@ -170,28 +183,15 @@ impl Admission {
         let waits_for = if position > 0 {
             format!("behind {} (first come, first served)", state.queue[position - 1].0)
         } else {
-            let need = &state.queue[0].1;
-            let mut missing = Vec::new();
-            if state.cores.saturating_add(need.cores) > self.budget.cores {
-                missing.push(format!("{} vCPUs ({} of {} in use)", need.cores, state.cores, self.budget.cores));
-            }
-            if state.memory_mb.saturating_add(need.memory_mb) > self.budget.memory_mb {
-                missing.push(format!(
-                    "{} MiB of memory ({} of {} MiB in use)",
-                    need.memory_mb, state.memory_mb, self.budget.memory_mb
-                ));
-            }
-            let running = state.per_profile.get(&need.profile).copied().unwrap_or(0);
-            if need.profile_max > 0 && running >= need.profile_max {
-                missing.push(format!("a free slot of profile {} (max_sandboxes {})", need.profile, need.profile_max));
-            }
+            let missing = self.missing(&state, &state.queue[0].1);
             if missing.is_empty() { "its turn".to_owned() } else { missing.join(" and ") }
         };
         Some(format!("position {} of {total}, waiting for {waits_for}", position + 1))
     }
 
     /// vCPUs and MiB handed out now.
-    pub fn in_use(&self) -> (u32, u64) {
+    #[cfg(test)]
+    fn in_use(&self) -> (u32, u64) {
         let state = self.lock();
         (state.cores, state.memory_mb)
     }

@@ -1,8 +1,6 @@
 //! Accepting a sandbox's one agent connection on its [`ChannelEndpoint`]: hybrid
 //! vsock (a Unix socket per sandbox) or AF_VSOCK (the daemon's one listener, by CID).
 
-use std::path::PathBuf;
-
 use agentlab_protocol::AGENT_VSOCK_PORT;
 use agentlab_protocol::transport::hybrid;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,7 +15,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> AgentStream for T {}
 pub type BoxedStream = Box<dyn AgentStream>;
 
 pub enum AgentListener {
-    Hybrid { listener: UnixListener, uds: PathBuf },
+    Hybrid(UnixListener),
     Vsock(Registration),
 }
 
@@ -27,7 +25,7 @@ impl AgentListener {
         match endpoint {
             ChannelEndpoint::Hybrid { uds } => {
                 let listener = hybrid::listen(uds, AGENT_VSOCK_PORT).map_err(|e| e.to_string())?;
-                Ok(AgentListener::Hybrid { listener, uds: uds.clone() })
+                Ok(AgentListener::Hybrid(listener))
             }
             ChannelEndpoint::Vsock { cid } => Ok(AgentListener::Vsock(vsock_hub::hub()?.register(*cid)?)),
         }
@@ -35,16 +33,8 @@ impl AgentListener {
 
     pub async fn accept(&mut self) -> std::io::Result<BoxedStream> {
         match self {
-            AgentListener::Hybrid { listener, .. } => Ok(Box::new(listener.accept().await?.0)),
+            AgentListener::Hybrid(listener) => Ok(Box::new(listener.accept().await?.0)),
             AgentListener::Vsock(registration) => registration.accept().await,
-        }
-    }
-
-    /// Stops listening: exactly one agent session per sandbox.
-    pub fn close(self) {
-        if let AgentListener::Hybrid { listener, uds } = self {
-            drop(listener);
-            let _ = std::fs::remove_file(hybrid::guest_port_path(&uds, AGENT_VSOCK_PORT));
         }
     }
 }

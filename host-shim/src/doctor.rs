@@ -72,7 +72,10 @@ fn disk_space(dir: &Path) -> Check {
 
 /// The host end of AF_VSOCK (`vhost_vsock`), which the Proxmox backend listens on.
 fn vsock_module(backend: &str) -> Check {
-    let loaded = Path::new("/sys/module/vhost_vsock").exists();
+    vsock_module_check(backend, Path::new("/sys/module/vhost_vsock").exists())
+}
+
+fn vsock_module_check(backend: &str, loaded: bool) -> Check {
     match (backend, loaded) {
         (_, true) => Check::ok("vsock module", "vhost_vsock is loaded"),
         ("qemu", false) => {
@@ -118,10 +121,23 @@ mod tests {
         assert!(check.detail.ends_with(&format!("MiB free in {}", dir.path().display())), "{check:?}");
         let missing = disk_space(Path::new("/nonexistent/agentlab"));
         assert_eq!(missing.status, Status::Fail);
-        let proxmox = vsock_module("proxmox");
-        if proxmox.status == Status::Fail {
-            assert!(proxmox.fix.unwrap_or_default().starts_with("modprobe vhost_vsock"));
-        }
-        assert_ne!(vsock_module("qemu").status, Status::Fail);
+        let missing = vsock_module_check("proxmox", false);
+        assert_eq!(
+            (missing.status, missing.detail.as_str()),
+            (Status::Fail, "vhost_vsock is not loaded, so no guest can reach agentlabd")
+        );
+        assert_eq!(
+            missing.fix.as_deref(),
+            Some(
+                "modprobe vhost_vsock, and list it in /etc/modules-load.d/agentlab.conf (agentlab host setup --apply does both)"
+            )
+        );
+        let loaded = vsock_module_check("proxmox", true);
+        assert_eq!((loaded.status, loaded.detail.as_str(), loaded.fix), (Status::Ok, "vhost_vsock is loaded", None));
+        let qemu = vsock_module_check("qemu", false);
+        assert_eq!((qemu.status, qemu.fix.as_deref()), (Status::Ok, None), "{qemu:?}");
+        // The real probe agrees with /sys.
+        let live = vsock_module("proxmox").status;
+        assert_eq!(live == Status::Ok, Path::new("/sys/module/vhost_vsock").exists());
     }
 }

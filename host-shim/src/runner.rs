@@ -20,7 +20,6 @@ use crate::daemon::Daemon;
 use crate::joblog::JobLog;
 use crate::leases::KeptSandbox;
 use crate::profile::Profile;
-use crate::secrets::SecretStore;
 use crate::state::{JobState, SandboxState};
 use crate::store::{JobEnd, Store};
 
@@ -343,9 +342,8 @@ async fn load_secrets(daemon: &Daemon, job: &QueuedJob) -> Result<SecretBundle, 
     let Some(name) = job.profile.secrets_bundle.clone() else {
         return Ok(SecretBundle::default());
     };
-    let store_dir = daemon.config.secrets_dir();
-    let wanted = name.clone();
-    let loaded = tokio::task::spawn_blocking(move || SecretStore::new(&store_dir).load(&wanted))
+    let (store, wanted) = (daemon.secrets.clone(), name.clone());
+    let loaded = tokio::task::spawn_blocking(move || store.load(&wanted))
         .await
         .map_err(|e| format!("loading secrets bundle {name:?}: {e}"))?;
     match loaded {

@@ -63,6 +63,7 @@ pub struct BundleView {
 /// Largest bundle file read back (ciphertext): the plaintext cap plus age's overhead.
 const MAX_BUNDLE_FILE: u64 = 2 * 1024 * 1024;
 
+#[derive(Clone)]
 pub struct SecretStore {
     dir: PathBuf,
 }

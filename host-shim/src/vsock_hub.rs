@@ -8,49 +8,51 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use crate::agent_listener::BoxedStream;
 
-/// CID -> the sandbox waiting for its agent.
+/// Connections from one CID held for its sandbox before it takes them; more are
+/// closed. The first is its agent's; the rest it refuses and records.
+const QUEUED_PER_CID: usize = 4;
+
+/// CID -> the sandbox that takes its connections.
 #[derive(Default)]
 pub struct Dispatcher {
-    waiting: Mutex<HashMap<u32, oneshot::Sender<BoxedStream>>>,
+    waiting: Mutex<HashMap<u32, mpsc::Sender<BoxedStream>>>,
 }
 
 impl Dispatcher {
-    /// Waits for `cid`'s agent; fails if another sandbox already waits for it.
+    /// Takes `cid`'s connections until the registration is dropped; fails if another
+    /// sandbox already does.
     pub fn register(self: &Arc<Self>, cid: u32) -> Result<Registration, String> {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         if waiting.contains_key(&cid) {
             return Err(format!("another sandbox already waits for vsock CID {cid}"));
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(QUEUED_PER_CID);
         waiting.insert(cid, tx);
         Ok(Registration { cid, rx, dispatcher: self.clone() })
     }
 
-    /// Hands a connection from `cid` to whoever waits for it; false (and the stream is
-    /// dropped, closing it) if nobody does.
+    /// Hands a connection from `cid` to its sandbox; false (and the stream is dropped,
+    /// closing it) if no sandbox has that CID or its queue is full.
     pub fn dispatch(&self, cid: u32, stream: BoxedStream) -> bool {
-        let sender = self.waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&cid);
-        match sender {
-            Some(tx) => tx.send(stream).is_ok(),
-            None => false,
-        }
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.get(&cid).is_some_and(|tx| tx.try_send(stream).is_ok())
     }
 }
 
-/// One sandbox's place in the dispatcher; leaving it (drop) stops the wait.
+/// One sandbox's place in the dispatcher; leaving it (drop) frees the CID.
 pub struct Registration {
     cid: u32,
-    rx: oneshot::Receiver<BoxedStream>,
+    rx: mpsc::Receiver<BoxedStream>,
     dispatcher: Arc<Dispatcher>,
 }
 
 impl Registration {
     pub async fn accept(&mut self) -> std::io::Result<BoxedStream> {
-        (&mut self.rx).await.map_err(|_| std::io::Error::other("the vsock listener stopped"))
+        self.rx.recv().await.ok_or_else(|| std::io::Error::other("the vsock listener stopped"))
     }
 }
 
@@ -75,7 +77,7 @@ pub fn hub() -> Result<Arc<Dispatcher>, String> {
                     Ok((stream, addr)) => {
                         if !d.dispatch(addr.cid(), Box::new(stream)) {
                             tracing::warn!(
-                                "closed a vsock connection from CID {}, which no sandbox waits for",
+                                "closed a vsock connection from CID {}: no sandbox has it, or its sandbox has {QUEUED_PER_CID} not taken yet",
                                 addr.cid()
                             );
                         }
@@ -96,25 +98,47 @@ pub fn hub() -> Result<Arc<Dispatcher>, String> {
 mod tests {
     use super::*;
 
+    async fn first_byte(stream: &mut BoxedStream) -> u8 {
+        let mut buf = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(stream, &mut buf).await.unwrap();
+        buf[0]
+    }
+
     #[tokio::test]
     async fn connections_go_to_the_sandbox_of_their_cid_and_strangers_are_closed() {
+        use tokio::io::AsyncWriteExt;
         let d = Arc::new(Dispatcher::default());
         let mut a = d.register(1001).unwrap();
         let mut b = d.register(1002).unwrap();
-        assert!(d.register(1001).is_err(), "one waiter per CID");
-        let (x, _x_peer) = tokio::net::UnixStream::pair().unwrap();
-        let (y, _y_peer) = tokio::net::UnixStream::pair().unwrap();
+        assert!(d.register(1001).is_err(), "one sandbox per CID");
+        let (x, mut x_peer) = tokio::net::UnixStream::pair().unwrap();
+        let (y, mut y_peer) = tokio::net::UnixStream::pair().unwrap();
         let (z, mut z_peer) = tokio::net::UnixStream::pair().unwrap();
+        x_peer.write_all(b"x").await.unwrap();
+        y_peer.write_all(b"y").await.unwrap();
         assert!(d.dispatch(1002, Box::new(y)));
         assert!(d.dispatch(1001, Box::new(x)));
-        assert!(!d.dispatch(1003, Box::new(z)), "nobody waits for 1003");
+        assert!(!d.dispatch(1003, Box::new(z)), "nobody has 1003");
         let mut buf = [0u8; 1];
         assert_eq!(tokio::io::AsyncReadExt::read(&mut z_peer, &mut buf).await.unwrap(), 0, "closed");
-        a.accept().await.unwrap();
-        b.accept().await.unwrap();
-        // A second connection from the same CID is refused: the sandbox took its one.
-        let (w, _w_peer) = tokio::net::UnixStream::pair().unwrap();
-        assert!(!d.dispatch(1001, Box::new(w)));
+        assert_eq!(first_byte(&mut a.accept().await.unwrap()).await, b'x');
+        assert_eq!(first_byte(&mut b.accept().await.unwrap()).await, b'y');
+
+        // Later connections from the same CID still reach its sandbox (which refuses
+        // and records them), a bounded number at a time; accepting again never panics.
+        let mut peers = Vec::new();
+        for n in 0..QUEUED_PER_CID {
+            let (w, mut w_peer) = tokio::net::UnixStream::pair().unwrap();
+            w_peer.write_all(&[n as u8]).await.unwrap();
+            assert!(d.dispatch(1001, Box::new(w)), "connection {n}");
+            peers.push(w_peer);
+        }
+        let (over, mut over_peer) = tokio::net::UnixStream::pair().unwrap();
+        assert!(!d.dispatch(1001, Box::new(over)), "the queue is full");
+        assert_eq!(tokio::io::AsyncReadExt::read(&mut over_peer, &mut buf).await.unwrap(), 0, "closed");
+        for n in 0..QUEUED_PER_CID {
+            assert_eq!(first_byte(&mut a.accept().await.unwrap()).await, n as u8);
+        }
         drop(a);
         assert!(d.register(1001).is_ok(), "a dropped registration frees its CID");
     }

@@ -52,12 +52,6 @@ impl SecretBytes {
     }
 }
 
-impl From<Zeroizing<Vec<u8>>> for SecretBytes {
-    fn from(mut value: Zeroizing<Vec<u8>>) -> Self {
-        SecretBytes(std::mem::take(&mut *value))
-    }
-}
-
 impl fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SecretBytes([REDACTED, {} bytes])", self.0.len())
@@ -169,42 +163,47 @@ pub enum SecretError {
 /// change how every program in the job loads code.
 const RESERVED_ENV: &[&str] = &["PATH", "HOME", "LANG", "USER", "LOGNAME", "TMPDIR", "SHELL", "IFS", "BASH_ENV", "ENV"];
 
-impl SecretEntry {
-    /// Checks the name for its kind and the value's size.
-    pub fn validate(&self) -> Result<(), SecretError> {
-        let bad = |rule: &'static str| SecretError::BadName { kind: self.kind.as_str(), name: self.name.clone(), rule };
-        if self.name.is_empty() || self.name.len() > MAX_SECRET_NAME {
+impl SecretKind {
+    /// Checks that `name` is a valid name for a secret of this kind.
+    pub fn validate_name(self, name: &str) -> Result<(), SecretError> {
+        let bad = |rule: &'static str| SecretError::BadName { kind: self.as_str(), name: name.to_owned(), rule };
+        if name.is_empty() || name.len() > MAX_SECRET_NAME {
             return Err(bad("it must be 1 to 128 characters"));
         }
-        match self.kind {
+        match self {
             SecretKind::Env => {
-                let mut chars = self.name.chars();
+                let mut chars = name.chars();
                 let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
                 if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(bad("use letters, digits and _, not starting with a digit"));
                 }
-                if RESERVED_ENV.contains(&self.name.as_str())
-                    || self.name.starts_with("LD_")
-                    || self.name.starts_with("AGENTLAB_")
-                {
+                if RESERVED_ENV.contains(&name) || name.starts_with("LD_") || name.starts_with("AGENTLAB_") {
                     return Err(bad(
                         "PATH, HOME, LANG, USER, LOGNAME, TMPDIR, SHELL, IFS, BASH_ENV, ENV, LD_* and AGENTLAB_* are reserved",
                     ));
                 }
             }
             SecretKind::File => {
-                if self.name.starts_with('.')
-                    || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                if name.starts_with('.')
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
                 {
                     return Err(bad("use letters, digits, '.', '_' and '-', not starting with '.'"));
                 }
             }
             SecretKind::GitToken => {
-                if self.name != GIT_TOKEN_ENV {
+                if name != GIT_TOKEN_ENV {
                     return Err(bad("a git token is always named GIT_TOKEN"));
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl SecretEntry {
+    /// Checks the name for its kind and the value's size.
+    pub fn validate(&self) -> Result<(), SecretError> {
+        self.kind.validate_name(&self.name)?;
         if self.value.is_empty() {
             return Err(SecretError::Empty { name: self.name.clone() });
         }

@@ -391,3 +391,59 @@ pub async fn run_agent_job_full(
     let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
     ((result, seen, status), pushed)
 }
+
+/// A vhost-device-vsock for one guest started by hand (CID 3): the same plumbing as
+/// agentlabd's qemu backend, which runs one per VM. Killed when dropped.
+pub struct VsockDevice {
+    child: tokio::process::Child,
+    /// The vhost-user socket QEMU's `vhost-user-vsock-pci` connects to.
+    pub vhost_sock: PathBuf,
+    /// The hybrid vsock socket the host side listens and dials on.
+    pub uds: PathBuf,
+}
+
+impl VsockDevice {
+    pub async fn start(dir: &Path) -> VsockDevice {
+        let (vhost_sock, uds) = (dir.join("vhost.sock"), dir.join("vsock.sock"));
+        let child = tokio::process::Command::new("vhost-device-vsock")
+            .arg("--vm")
+            .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_sock.display(), uds.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("vhost-device-vsock (scripts/install-deps.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vhost_sock.exists() {
+            assert!(Instant::now() < deadline, "vhost-device-vsock made no {} within 10 s", vhost_sock.display());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        VsockDevice { child, vhost_sock, uds }
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The last 3000 bytes of a guest's console log, for failure messages.
+pub fn console_tail(console: &Path) -> String {
+    let bytes = std::fs::read(console).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(3000)..]).into_owned()
+}
+
+/// The guest agent's dial-in on `listener` within `within`, or a panic that shows the
+/// console's tail.
+pub async fn accept_dial_in(
+    listener: &tokio::net::UnixListener,
+    console: &Path,
+    within: Duration,
+) -> tokio::net::UnixStream {
+    let (stream, _) = tokio::time::timeout(within, listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no dial-in within {within:?}; console:\n{}", console_tail(console)))
+        .unwrap();
+    stream
+}

@@ -79,7 +79,8 @@ fn status_field(pid: u32, field: &str) -> u64 {
     status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// The resident memory of `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
     status_field(pid, "VmRSS:")
 }
 

@@ -165,6 +165,7 @@ fn the_installed_ruleset_and_dnsmasq_config_pass_the_real_tools_checks() {
 #[test]
 fn the_plan_for_this_machine_reads_its_state_and_changes_nothing() {
     // Read-only against the real /: checks run, nothing is written or started.
+    let before = state_of(&FILES);
     let out = setup(&[]);
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = text(&out);
@@ -176,6 +177,12 @@ fn the_plan_for_this_machine_reads_its_state_and_changes_nothing() {
     };
     assert!(stdout.contains(&format!("    run  modprobe vhost_vsock: {expected}\n")), "{stdout}");
     assert!(!Path::new("/etc/agentlab/agentlab.nft").exists() || stdout.contains("agentlab.nft: up to date"));
+    assert_eq!(state_of(&FILES), before, "a plan without --apply writes nothing");
+}
+
+/// Each path's modification time, or `None` where it does not exist.
+fn state_of(paths: &[&str]) -> Vec<Option<std::time::SystemTime>> {
+    paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
 }
 
 #[test]
@@ -209,5 +216,9 @@ fn the_packages_unit_is_used_instead_of_a_copy_in_etc() {
         text(&out)
     );
     assert!(!root.path().join("etc/systemd/system/agentlabd.service").exists());
-    assert_eq!(files_under(root.path()).len(), FILES.len(), "the other seven files and the package's unit");
+    let mut expected: Vec<String> =
+        FILES.iter().filter(|f| !f.ends_with("/agentlabd.service")).map(|f| (*f).to_owned()).collect();
+    expected.push("/lib/systemd/system/agentlabd.service".to_owned());
+    expected.sort();
+    assert_eq!(files_under(root.path()), expected, "the other seven files and the package's unit");
 }

@@ -42,7 +42,10 @@ fn the_deb_metadata_lists_existing_files_binaries_unit_config_and_profiles() {
         assert!(assets.contains(&(needed.to_owned(), dest.to_owned())), "{needed} -> {dest}");
     }
     let conf_files = manifest.split("conf-files = [").nth(1).unwrap().split(']').next().unwrap();
-    for conf in conf_files.split(',').map(|c| c.trim().trim_matches('"')).filter(|c| !c.is_empty()) {
+    let conf_files: Vec<&str> =
+        conf_files.split(',').map(|c| c.trim().trim_matches('"')).filter(|c| !c.is_empty()).collect();
+    assert_eq!(conf_files, ["/etc/default/agentlabd", "/etc/agentlab/profiles/defaults.yaml"]);
+    for conf in conf_files {
         assert!(assets.iter().any(|(_, d)| format!("/{d}") == conf), "conffile {conf} is not installed");
     }
     // The default environment file names only variables agentlabd reads.

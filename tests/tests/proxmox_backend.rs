@@ -59,6 +59,26 @@ async fn a_lifecycle_clones_configures_starts_and_destroys_within_twelve_request
     let used = backend.client().requests_sent() - before;
     // One ticket request is made once per daemon, not per lifecycle.
     assert!(used <= 13, "{used} requests for one lifecycle (12 + the one-off ticket)");
+    // Which calls those were; only the number of task polls depends on timing.
+    let calls: Vec<String> = standin
+        .recorded()
+        .into_iter()
+        .filter(|r| !r.template.contains("/tasks/"))
+        .map(|r| format!("{} {}", r.method, r.template))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "GET /cluster/resources",
+            "POST /nodes/{node}/qemu/{vmid}/clone",
+            "GET /nodes/{node}/qemu/{vmid}/status/current",
+            "POST /access/ticket",
+            "PUT /nodes/{node}/qemu/{vmid}/config",
+            "POST /nodes/{node}/qemu/{vmid}/status/start",
+            "POST /nodes/{node}/qemu/{vmid}/status/shutdown",
+            "DELETE /nodes/{node}/qemu/{vmid}",
+        ]
+    );
     assert_eq!(standin.validation_failures(), Vec::<String>::new());
 
     // The UPIDs: clone's task on the source node with the source vmid, type qmclone,
@@ -117,28 +137,31 @@ async fn every_request_the_client_sends_validates_against_the_pve8_schema_too() 
     }
 }
 
+/// A client pinned to the stand-in's certificate that tries each call `attempts` times.
 fn client_with_retry(standin: &StandIn, options: &Options, attempts: u32) -> PveClient {
-    let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
-        api_url: standin.url(),
-        token_id: options.token_id.clone(),
-        token_secret: agentlab_host::backend::proxmox::client::Secret(options.token_secret.clone()),
-        tls: TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(30),
-        retry: agentlab_host::backend::proxmox::client::RetryPolicy { max_attempts: attempts, ..Default::default() },
-    };
-    PveClient::new(&conn).unwrap()
+    let tls = TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() };
+    let retry = agentlab_host::backend::proxmox::client::RetryPolicy { max_attempts: attempts, ..Default::default() };
+    connect(standin, options, tls, retry).unwrap()
 }
 
 fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<PveClient, String> {
+    connect(standin, options, tls, Default::default())
+}
+
+fn connect(
+    standin: &StandIn,
+    options: &Options,
+    tls: TlsConfig,
+    retry: agentlab_host::backend::proxmox::client::RetryPolicy,
+) -> Result<PveClient, String> {
     let conn = agentlab_host::backend::proxmox::client::ConnectionConfig {
         api_url: standin.url(),
         token_id: options.token_id.clone(),
         token_secret: agentlab_host::backend::proxmox::client::Secret(options.token_secret.clone()),
         tls,
         connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(5),
-        retry: Default::default(),
+        request_timeout: Duration::from_secs(30),
+        retry,
     };
     PveClient::new(&conn).map_err(|e| e.to_string())
 }
@@ -167,10 +190,13 @@ async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     let ca_dir = tempfile::tempdir().unwrap();
     let other_ca = rcgen_free_ca(ca_dir.path());
     let ca = client_with(&standin, &options, TlsConfig { ca_file: Some(other_ca), ..TlsConfig::default() }).unwrap();
-    assert!(ca.call("reading the version", Method::Get, "/version", &[]).await.is_err());
+    let e = ca.call("reading the version", Method::Get, "/version", &[]).await.unwrap_err().to_string();
+    assert!(e.starts_with("reading the version: cannot reach the Proxmox API"), "{e}");
+    assert!(e.contains("invalid peer certificate"), "{e}");
 
     let insecure = client_with(&standin, &options, TlsConfig { insecure: true, ..TlsConfig::default() }).unwrap();
-    insecure.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
+    let v = insecure.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
+    assert_eq!(v["release"], "9.0");
 }
 
 /// A PEM CA certificate that did not sign the stand-in's certificate.

@@ -117,7 +117,7 @@ fn a_missing_proxmox_section_and_a_bad_config_are_named_with_the_fix() {
         .args(["--state-dir", dir.path().to_str().unwrap(), "--backend", "proxmox", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("--backend proxmox needs a `proxmox:` section in {}", path.display())), "{err}");
     std::fs::write(&path, "proxmox:\n  api_url: https://pve1:8006\n  token_id: a@pve!t\n  nodes: [{name: pve1}]\n  vmid_range: [100, 50]\n  tls: {insecure: true}\n").unwrap();
@@ -126,6 +126,7 @@ fn a_missing_proxmox_section_and_a_bad_config_are_named_with_the_fix() {
         .env("AGENTLAB_PVE_TOKEN_SECRET", "x")
         .output()
         .unwrap();
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vmid_range [100, 50] must be within 100..=999999999, first <= last"), "{err}");
 }
@@ -249,7 +250,13 @@ fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagge
     let error = job["error"].as_str().unwrap();
     assert!(error.contains(&format!("VM {vmid} on node pve1 no longer exists (deleted outside AgentLab)")), "{error}");
     let vanished = job["events"].as_array().unwrap().iter().find(|e| e["kind"] == "sandbox.vm_vanished");
-    assert!(vanished.is_some(), "the reconciler marked it: {job}");
+    assert_eq!(
+        vanished.map(|e| e["message"].as_str()),
+        Some(Some(
+            "its VM vanished: no VM tagged with this sandbox is listed in /cluster/resources (deleted outside AgentLab?)"
+        )),
+        "the reconciler marked it: {job}"
+    );
     // The orphan goes; the untagged VM stays.
     let deadline = Instant::now() + Duration::from_secs(30);
     while standin.vms().iter().any(|v| v.vmid == 100_900) {

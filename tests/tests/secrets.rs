@@ -19,12 +19,10 @@ const API_KEY: &str = "sk-live-4c9f1e2a7b";
 const FILE_SECRET: &str = "{\"token\": \"tok-file-98765\"}";
 const GIT_TOKEN: &str = "ghp_abcdef123456";
 
-fn running_as_root() -> bool {
-    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    if !root {
-        eprintln!("skipped: the agent must run as root to mount the secrets tmpfs");
-    }
-    root
+/// The agent must run as root to mount the secrets tmpfs; like the netns tests, these
+/// fail loudly rather than pass without running.
+fn require_root() {
+    assert_eq!(std::fs::metadata("/proc/self").unwrap().uid(), 0, "run the tests as root (make test does)");
 }
 
 fn bundle() -> SecretBundle {
@@ -108,9 +106,7 @@ fn assert_no_secret(bytes: &[u8], what: &str) {
 
 #[tokio::test]
 async fn secrets_reach_the_job_through_a_private_tmpfs_and_never_leave_in_its_output() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new();
     let status_cmd = format!(
         "{} status --json --socket {}",
@@ -168,9 +164,7 @@ echo "$API_KEY" > leak.txt
 
 #[tokio::test]
 async fn without_read_permission_the_job_gets_env_secrets_but_cannot_open_the_directory() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new();
     let mut spec = h.spec(r#"echo "env=$API_KEY"; ls "$S" 2>&1 | sed 's/^.*: //'"#);
     spec.sandbox.secrets_dir = None;
@@ -251,9 +245,7 @@ async fn an_agent_without_the_secrets_capability_cannot_run_a_job_that_has_secre
 
 #[tokio::test]
 async fn sigterm_kills_the_job_and_wipes_the_secrets() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new();
     let (mut agent, stream) = agentlab_tests::spawn_agent(h.dir.path()).await;
     let spec = h.spec("echo $$ > job.pid; exec sleep 60");

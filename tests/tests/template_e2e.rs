@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use agentlab_tests::{Daemon, describe, host_kernel, workspace_root};
+use agentlab_tests::{Daemon, VsockDevice, accept_dial_in, console_tail, describe, host_kernel, workspace_root};
 use serde_json::Value;
 
 /// The template built by `make template` (make test builds it first).
@@ -112,24 +112,9 @@ async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
         "{OVMF} is missing: apt-get install ovmf (scripts/install-deps.sh does)"
     );
     let dir = tempfile::Builder::new().prefix("agentlab-uefi-").tempdir().unwrap();
-    let (vhost_sock, uds, console) =
-        (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("console.log"));
-    // The same vsock plumbing as agentlabd's qemu backend: one vhost-device-vsock per VM.
-    let mut vhost = tokio::process::Command::new("vhost-device-vsock")
-        .arg("--vm")
-        .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_sock.display(), uds.display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("vhost-device-vsock (scripts/install-deps.sh installs it)");
-    for _ in 0..500 {
-        if vhost_sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    let console = dir.path().join("console.log");
+    let vsock = VsockDevice::start(dir.path()).await;
+    let listener = hybrid::listen(&vsock.uds, AGENT_VSOCK_PORT).unwrap();
     // No -kernel: OVMF finds systemd-boot on the ESP (EFI/BOOT/BOOTX64.EFI), which boots
     // the kernel and initrd from there, which mount the ext4 root by its label.
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
@@ -142,7 +127,7 @@ async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
         .arg("-drive")
         .arg(format!("file={},if=none,id=root,format=qcow2,snapshot=on", template.join("disk.qcow2").display()))
         .arg("-chardev")
-        .arg(format!("socket,id=vsock0,path={}", vhost_sock.display()))
+        .arg(format!("socket,id=vsock0,path={}", vsock.vhost_sock.display()))
         .args(["-device", "vhost-user-vsock-pci,chardev=vsock0", "-serial"])
         .arg(format!("file:{}", console.display()))
         .stdout(std::process::Stdio::null())
@@ -150,14 +135,7 @@ async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let console_tail = || {
-        let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
-        text[text.len().saturating_sub(3000)..].to_owned()
-    };
-    let (stream, _) = tokio::time::timeout(Duration::from_secs(240), listener.accept())
-        .await
-        .unwrap_or_else(|_| panic!("no dial-in within 240 s; console:\n{}", console_tail()))
-        .unwrap();
+    let stream = accept_dial_in(&listener, &console, Duration::from_secs(240)).await;
     let mut conn = HostConnection::new(stream);
     let (hello, _) = host_handshake(&mut conn, "sb-uefi").await.unwrap();
     assert_eq!(hello.kernel_release, kernel);
@@ -165,10 +143,9 @@ async fn the_template_disk_boots_by_itself_under_uefi_and_its_agent_dials_in() {
     conn.send(HostMessage::Shutdown).await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(120), qemu.wait())
         .await
-        .unwrap_or_else(|_| panic!("the VM did not power off after the session; console:\n{}", console_tail()))
+        .unwrap_or_else(|_| panic!("the VM did not power off after the session; console:\n{}", console_tail(&console)))
         .unwrap();
     assert!(status.success(), "{status}");
     let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
-    assert!(text.contains("Debian GNU/Linux 12") || text.contains("systemd"), "{}", console_tail());
-    let _ = vhost.kill().await;
+    assert!(text.contains("Debian GNU/Linux 12") || text.contains("systemd"), "{}", console_tail(&console));
 }

@@ -17,7 +17,7 @@ use agentlab_protocol::{AGENT_VSOCK_PORT, JobOutcome, JobSpec, SandboxSpec};
 use agentlab_tests::netns::{
     INTERNET_ADDR, Netns, ROUTER_SANDBOX_ADDR, ROUTER_UPLINK_ADDR, WAN_ADDR, load_ruleset, serve_peer_address,
 };
-use agentlab_tests::{SessionRecord, bin, describe, workspace_root};
+use agentlab_tests::{SessionRecord, VsockDevice, accept_dial_in, bin, console_tail, describe, workspace_root};
 
 const TAP: &str = "tap-sb";
 const BLOCKED: &str = "10.99.0.10";
@@ -77,21 +77,9 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
     let _dnsmasq = KillOnDrop(dnsmasq);
 
     // The VM, as agentlabd's qemu backend boots a template, plus a NIC on the tap.
-    let (vhost_sock, uds, console) =
-        (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"), dir.path().join("console.log"));
-    let vhost = tokio::process::Command::new("vhost-device-vsock")
-        .arg("--vm")
-        .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_sock.display(), uds.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let _vhost = KillOnDrop(vhost);
-    while !vhost_sock.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+    let console = dir.path().join("console.log");
+    let vsock = VsockDevice::start(dir.path()).await;
+    let listener = hybrid::listen(&vsock.uds, AGENT_VSOCK_PORT).unwrap();
     let qemu = tokio::process::Command::new("ip")
         .args(["netns", "exec", &router.name, "qemu-system-x86_64"])
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024M", "-smp", "2"])
@@ -107,7 +95,7 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
         .args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no")])
         .args(["-device", "virtio-net-pci,netdev=n0"])
         .arg("-chardev")
-        .arg(format!("socket,id=vsock0,path={}", vhost_sock.display()))
+        .arg(format!("socket,id=vsock0,path={}", vsock.vhost_sock.display()))
         .args(["-device", "vhost-user-vsock-pci,chardev=vsock0", "-serial"])
         .arg(format!("file:{}", console.display()))
         .stdout(Stdio::null())
@@ -116,14 +104,7 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
         .spawn()
         .unwrap();
     let _qemu = KillOnDrop(qemu);
-    let console_tail = || {
-        let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
-        text[text.len().saturating_sub(3000)..].to_owned()
-    };
-    let (stream, _) = tokio::time::timeout(Duration::from_secs(240), listener.accept())
-        .await
-        .unwrap_or_else(|_| panic!("no dial-in within 240 s; console:\n{}", console_tail()))
-        .unwrap();
+    let stream = accept_dial_in(&listener, &console, Duration::from_secs(240)).await;
 
     // The job waits for its lease, then tries the internet and a private address.
     let script = format!(
@@ -148,7 +129,7 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
     let mut seen = SessionRecord::default();
     let result = session.run("sb-vmnet", spec, agentlab_protocol::SecretBundle::default(), None, &mut seen).await;
     session.shutdown().await;
-    let result = result.unwrap_or_else(|e| panic!("{e}; console:\n{}", console_tail()));
+    let result = result.unwrap_or_else(|e| panic!("{e}; console:\n{}", console_tail(&console)));
     let stdout = String::from_utf8_lossy(&seen.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&seen.stderr).into_owned();
     assert_eq!(result.outcome, JobOutcome::Exited { code: 0 }, "{stdout}\n{stderr}");
@@ -157,7 +138,8 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
     let lease = lines[0].strip_prefix("lease=").unwrap();
     let (ip, prefix) = lease.split_once('/').unwrap();
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-    assert!(ip.octets()[..2] == [10, 77] && ip.octets()[3] >= 10 && prefix == "16", "{lease}");
+    let pool = std::net::Ipv4Addr::new(10, 77, 0, 10)..=std::net::Ipv4Addr::new(10, 77, 255, 254);
+    assert!(pool.contains(&ip) && prefix == "16", "{lease}");
     assert_eq!(
         &lines[1..],
         [

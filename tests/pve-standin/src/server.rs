@@ -9,7 +9,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::Shared;
 use crate::api::{Credentials, Reply, handle};
@@ -19,7 +18,7 @@ pub async fn serve(shared: Arc<Shared>) -> Result<(SocketAddr, String, tokio::ta
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into(), "pve1".into()])
         .map_err(|e| format!("certificate: {e}"))?;
     let der = cert.cert.der().clone();
-    let fingerprint = Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+    let fingerprint = agentlab_host::backend::proxmox::tls::fingerprint_of(der.as_ref());
     let key =
         rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| format!("key: {e}"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

@@ -26,6 +26,7 @@ use agentlab_host::config::DEFAULT_PROFILE;
 use agentlab_host::profile::Resources;
 use agentlab_protocol::transport::hybrid;
 use agentlab_protocol::{AGENT_VSOCK_PORT, HostConnection, HostMessage, host_handshake};
+use agentlab_tests::pve_bench::rss_kib;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOOT_RUNS: usize = 7;
@@ -210,29 +211,49 @@ fn backend_with_cmdline(image_dir: &Path, scratch: &Path, extra_cmdline: &str) -
     })
 }
 
+/// A bench VM of the qemu backend and its console log, both gone after `destroy`.
+struct BenchVm {
+    vm: Box<dyn agentlab_host::backend::Sandbox>,
+    console: PathBuf,
+}
+
+impl BenchVm {
+    /// Provisions and boots `name` in `shape`; returns it, the guest's first connection
+    /// to the agent port, and when the boot began (after the listener was up).
+    async fn boot(backend: &QemuBackend, shape: &Resources, name: &str) -> (Self, tokio::net::UnixStream, Instant) {
+        let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
+        let mut vm = backend
+            .provision(&ProvisionRequest {
+                sandbox_id: name.to_owned(),
+                job_id: format!("bench-{name}"),
+                template_vmid: 9000,
+                bridge: None,
+                console_log: console.clone(),
+                cores: shape.cores,
+                memory_mb: shape.memory_mb,
+            })
+            .await
+            .unwrap();
+        let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
+        let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
+        let started = Instant::now();
+        vm.boot().await.unwrap();
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no dial-in within 120 s\n{}", vm.diagnostics()))
+            .unwrap();
+        (Self { vm, console }, stream, started)
+    }
+
+    async fn destroy(self) {
+        self.vm.destroy().await.unwrap();
+        let _ = std::fs::remove_file(&self.console);
+    }
+}
+
 /// Milliseconds from spawning QEMU to the guest's first bytes on the agent port.
 async fn boot_to_first_message(backend: &QemuBackend, shape: &Resources, name: &str, is_agent: bool) -> f64 {
-    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
-    let mut vm = backend
-        .provision(&ProvisionRequest {
-            sandbox_id: name.to_owned(),
-            job_id: format!("bench-{name}"),
-            template_vmid: 9000,
-            bridge: None,
-            console_log: console.clone(),
-            cores: shape.cores,
-            memory_mb: shape.memory_mb,
-        })
-        .await
-        .unwrap();
-    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
-    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
-    let started = Instant::now();
-    vm.boot().await.unwrap();
-    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
-        .await
-        .unwrap_or_else(|_| panic!("{name}: no dial-in within 120 s\n{}", vm.diagnostics()))
-        .unwrap();
+    let (vm, mut stream, started) = BenchVm::boot(backend, shape, name).await;
     let elapsed;
     if is_agent {
         let mut conn = HostConnection::new(stream);
@@ -247,8 +268,7 @@ async fn boot_to_first_message(backend: &QemuBackend, shape: &Resources, name: &
         assert_eq!(&buf, b"HELLO\n");
         stream.shutdown().await.unwrap();
     }
-    vm.destroy().await.unwrap();
-    let _ = std::fs::remove_file(console);
+    vm.destroy().await;
     elapsed.as_secs_f64() * 1000.0
 }
 
@@ -308,19 +328,6 @@ fn submit_to_first_byte(image_dir: &Path, profiles_dir: &Path) -> (f64, f64) {
     let _ = daemon.kill();
     let _ = daemon.wait();
     (total, boot)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn idle_rss_kib(cmd: &mut Command) -> u64 {
@@ -413,23 +420,7 @@ async fn throughput_figures(image_dir: &Path, baseline_dir: &Path, shape: &Resou
 /// The baseline init writes [`STREAM_BYTES`] after its greeting; MB/s from the first
 /// byte after it to the last.
 async fn raw_copy_mb_per_s(backend: &QemuBackend, shape: &Resources, name: &str) -> f64 {
-    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
-    let mut vm = backend
-        .provision(&ProvisionRequest {
-            sandbox_id: name.to_owned(),
-            job_id: format!("bench-{name}"),
-            template_vmid: 9000,
-            bridge: None,
-            console_log: console.clone(),
-            cores: shape.cores,
-            memory_mb: shape.memory_mb,
-        })
-        .await
-        .unwrap();
-    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
-    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
-    vm.boot().await.unwrap();
-    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await.unwrap().unwrap();
+    let (vm, mut stream, _) = BenchVm::boot(backend, shape, name).await;
     let mut hello = [0u8; 6];
     stream.read_exact(&mut hello).await.unwrap();
     let mut buf = vec![0u8; 256 * 1024];
@@ -443,8 +434,7 @@ async fn raw_copy_mb_per_s(backend: &QemuBackend, shape: &Resources, name: &str)
     }
     let secs = started.unwrap().elapsed().as_secs_f64();
     stream.shutdown().await.unwrap();
-    vm.destroy().await.unwrap();
-    let _ = std::fs::remove_file(console);
+    vm.destroy().await;
     STREAM_BYTES as f64 / secs / 1e6
 }
 
@@ -480,23 +470,7 @@ async fn job_stream_mb_per_s(backend: &QemuBackend, shape: &Resources, scratch: 
     use agentlab_protocol::{
         ArtifactRequest, JobSpec, SandboxSpec, SecretBundle, SecretBytes, SecretEntry, SecretKind,
     };
-    let console = std::env::temp_dir().join(format!("agentlab-bench-{name}-{}.log", std::process::id()));
-    let mut vm = backend
-        .provision(&ProvisionRequest {
-            sandbox_id: name.to_owned(),
-            job_id: format!("bench-{name}"),
-            template_vmid: 9000,
-            bridge: None,
-            console_log: console.clone(),
-            cores: shape.cores,
-            memory_mb: shape.memory_mb,
-        })
-        .await
-        .unwrap();
-    let ChannelEndpoint::Hybrid { uds } = vm.channel() else { panic!("qemu backend uses hybrid vsock") };
-    let listener = hybrid::listen(&uds, AGENT_VSOCK_PORT).unwrap();
-    vm.boot().await.unwrap();
-    let (stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await.unwrap().unwrap();
+    let (vm, stream, _) = BenchVm::boot(backend, shape, name).await;
     let secret = "sk-bench-0123456789abcdef";
     let secrets = SecretBundle {
         name: "bench".into(),
@@ -545,8 +519,7 @@ async fn job_stream_mb_per_s(backend: &QemuBackend, shape: &Resources, scratch: 
     assert!(summary.bytes > STREAM_BYTES, "{name}: {} bytes pushed", summary.bytes);
     session.shutdown().await;
     drop(session);
-    vm.destroy().await.unwrap();
-    let _ = std::fs::remove_file(console);
+    vm.destroy().await;
     let _ = std::fs::remove_file(scratch.join(format!("{name}.tar")));
     let _ = std::fs::remove_file(scratch.join(format!("{name}.log")));
     (STREAM_BYTES as f64 / log_secs / 1e6, STREAM_BYTES as f64 / push_secs / 1e6)

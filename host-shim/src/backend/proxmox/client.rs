@@ -10,7 +10,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::error::{ApiError, Attempts, PveError};
+use super::error::{ApiError, Attempts, PROXY_CONNECT_FAILED, PROXY_CONNECTION_LOST, PveError};
 use super::tls::{TlsConfig, client_config};
 
 /// How to reach and authenticate to the API.
@@ -106,7 +106,7 @@ impl Failure {
     /// Retrying cannot duplicate anything: the call demonstrably did not run.
     fn safe_to_retry(&self) -> bool {
         match self {
-            Failure::Api(e) => e.is_lock_timeout() || e.is_vm_locked() || e.status == 595,
+            Failure::Api(e) => e.is_lock_timeout() || e.is_vm_locked() || e.status == PROXY_CONNECT_FAILED,
             Failure::NotSent(_) => true,
             Failure::Broken(_) | Failure::Decode(_) => false,
         }
@@ -116,7 +116,7 @@ impl Failure {
     /// repeated blindly.
     fn ambiguous(&self) -> bool {
         match self {
-            Failure::Api(e) => e.status == 596,
+            Failure::Api(e) => e.status == PROXY_CONNECTION_LOST,
             Failure::Broken(_) => true,
             Failure::NotSent(_) | Failure::Decode(_) => false,
         }
@@ -206,10 +206,6 @@ impl PveClient {
     /// HTTP requests sent so far (every attempt counts).
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
-    }
-
-    pub fn retry_policy(&self) -> RetryPolicy {
-        self.retry
     }
 
     /// An idempotent call (GET, PUT of settings, anything whose repetition is harmless):

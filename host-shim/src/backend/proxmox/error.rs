@@ -4,6 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// pveproxy could not reach the node's daemon: the call did not run, retrying is safe.
+pub const PROXY_CONNECT_FAILED: u16 = 595;
+/// pveproxy lost the node's daemon midway: the call may or may not have run.
+pub const PROXY_CONNECTION_LOST: u16 = 596;
+
 /// An error answer from the API, with everything Proxmox said.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
@@ -32,11 +37,6 @@ impl ApiError {
     /// `VM is locked (clone)`: a config `lock` from a running clone, backup, migration.
     pub fn is_vm_locked(&self) -> bool {
         self.text().contains("VM is locked")
-    }
-
-    /// 595/596: pveproxy could not reach the node's daemon, or lost it midway.
-    pub fn is_proxy_error(&self) -> bool {
-        matches!(self.status, 595 | 596)
     }
 
     /// `unable to create VM N: config file already exists`: someone took the VMID.
@@ -148,7 +148,6 @@ mod tests {
     fn classification() {
         assert!(api(500, "unable to create VM 123: config file already exists", None).is_vmid_taken());
         assert!(api(500, "Configuration file 'nodes/pve/qemu-server/123.conf' does not exist", None).is_missing_vm());
-        assert!(api(595, "Errors during connection establishment, proxy handshake", None).is_proxy_error());
         assert!(!api(500, "storage 'x' does not exist", None).is_vmid_taken());
     }
 }

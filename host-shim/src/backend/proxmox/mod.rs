@@ -48,13 +48,22 @@ pub fn tags_for(sandbox_id: &str) -> String {
     format!("{TAG};{sandbox_id}")
 }
 
+/// A VM's `tags`, one by one (PVE separates them with `;`, `,` or spaces).
+fn tag_list(tags: &str) -> impl Iterator<Item = &str> {
+    tags.split([';', ',', ' ']).filter(|t| !t.is_empty())
+}
+
+/// Whether a VM's `tags` mark it as AgentLab's.
+pub fn is_ours(tags: &str) -> bool {
+    tag_list(tags).any(|t| t == TAG)
+}
+
 /// The sandbox id in a VM's `tags`, if it is one of ours.
 pub fn sandbox_of(tags: &str) -> Option<String> {
-    let tags: Vec<&str> = tags.split([';', ',', ' ']).filter(|t| !t.is_empty()).collect();
-    if !tags.contains(&TAG) {
+    if !is_ours(tags) {
         return None;
     }
-    tags.iter().find(|t| t.starts_with("sb-")).map(|t| (*t).to_owned())
+    tag_list(tags).find(|t| t.starts_with("sb-")).map(str::to_owned)
 }
 
 pub struct ProxmoxBackend {
@@ -395,7 +404,7 @@ impl Inner {
     }
 }
 
-fn vm_entries(resources: &Value) -> impl Iterator<Item = &Value> {
+pub(super) fn vm_entries(resources: &Value) -> impl Iterator<Item = &Value> {
     resources.as_array().into_iter().flatten().filter(|r| r.get("type").and_then(Value::as_str) == Some("qemu"))
 }
 

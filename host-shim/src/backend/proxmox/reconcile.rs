@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::client::Method;
 use super::error::PveError;
-use super::{ProxmoxBackend, TAG, destroy_vm, sandbox_of};
+use super::{ProxmoxBackend, destroy_vm, is_ours, sandbox_of, vm_entries};
 use crate::state::SandboxState;
 use crate::store::Store;
 
@@ -34,10 +34,6 @@ pub struct Reconciler {
     first_seen: HashMap<u32, Instant>,
 }
 
-fn has_tag(tags: &str, tag: &str) -> bool {
-    tags.split([';', ',', ' ']).any(|t| t == tag)
-}
-
 impl Reconciler {
     pub fn new(grace: Duration) -> Reconciler {
         Reconciler { grace, first_seen: HashMap::new() }
@@ -55,14 +51,10 @@ impl Reconciler {
         let vms = inner.client.call(op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())]).await?;
         let mut report = Report::default();
 
-        let ours: Vec<(u32, String, String)> = vms
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|v| v.get("type").and_then(Value::as_str) == Some("qemu"))
+        let ours: Vec<(u32, String, String)> = vm_entries(&vms)
             .filter_map(|v| {
                 let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
-                if !has_tag(tags, TAG) || v.get("template").and_then(Value::as_u64) == Some(1) {
+                if !is_ours(tags) || v.get("template").and_then(Value::as_u64) == Some(1) {
                     return None;
                 }
                 let vmid = u32::try_from(v.get("vmid").and_then(Value::as_u64)?).ok()?;

@@ -77,13 +77,14 @@ pub fn client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, PveError> 
         builder.with_root_certificates(roots).with_no_client_auth()
     } else if let Some(text) = &tls.fingerprint {
         let pinned = parse_fingerprint(text).map_err(PveError::Config)?;
-        let verifier = PinnedCertificate { pinned, algorithms: provider.signature_verification_algorithms };
+        let verifier =
+            CertificateCheck { pinned: Some(pinned), algorithms: provider.signature_verification_algorithms };
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
     } else {
         tracing::warn!(
             "tls.insecure is set: the Proxmox API certificate is NOT verified, so anyone on the path can impersonate the API and take the token; pin tls.fingerprint or set tls.ca_file instead"
         );
-        let verifier = AnyCertificate { algorithms: provider.signature_verification_algorithms };
+        let verifier = CertificateCheck { pinned: None, algorithms: provider.signature_verification_algorithms };
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
     };
     // PVE speaks HTTP/1.1 and puts error texts in the reason phrase, which HTTP/2 lacks.
@@ -91,15 +92,16 @@ pub fn client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, PveError> 
     Ok(config)
 }
 
-/// Accepts exactly the certificate whose SHA-256 is pinned (name and CA do not matter:
-/// the pin is the identity), and still checks the handshake signature made with it.
+/// With a pin, accepts exactly the certificate whose SHA-256 is pinned (name and CA do
+/// not matter: the pin is the identity); without one (`insecure: true`), any. Either
+/// way the handshake signature made with the certificate is still checked.
 #[derive(Debug)]
-struct PinnedCertificate {
-    pinned: [u8; 32],
+struct CertificateCheck {
+    pinned: Option<[u8; 32]>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinnedCertificate {
+impl ServerCertVerifier for CertificateCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -108,8 +110,9 @@ impl ServerCertVerifier for PinnedCertificate {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pinned) = self.pinned else { return Ok(ServerCertVerified::assertion()) };
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.pinned {
+        if got == pinned {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
@@ -117,47 +120,6 @@ impl ServerCertVerifier for PinnedCertificate {
                 fingerprint_of(end_entity.as_ref())
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `insecure: true`: any certificate.
-#[derive(Debug)]
-struct AnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -194,7 +156,13 @@ mod tests {
         let colons = vec!["ab"; 32].join(":");
         assert_eq!(parse_fingerprint(&colons).unwrap(), [0xAB; 32]);
         assert!(parse_fingerprint("AB:CD").unwrap_err().contains("64 hex digits"));
-        assert!(parse_fingerprint(&"ZZ".repeat(32)).is_err());
+        assert_eq!(
+            parse_fingerprint(&"ZZ".repeat(32)).unwrap_err(),
+            format!(
+                "tls.fingerprint {:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                "ZZ".repeat(32)
+            )
+        );
     }
 
     #[test]
@@ -202,7 +170,8 @@ mod tests {
         let err = client_config(&TlsConfig::default()).unwrap_err().to_string();
         assert!(err.contains("set exactly one of tls.ca_file"), "{err}");
         let both = TlsConfig { fingerprint: Some("AB".repeat(32)), insecure: true, ..TlsConfig::default() };
-        assert!(client_config(&both).is_err());
+        let both_err = client_config(&both).unwrap_err().to_string();
+        assert_eq!(both_err, err, "two choices are refused like none");
         let pinned = TlsConfig { fingerprint: Some("AB".repeat(32)), ..TlsConfig::default() };
         assert!(client_config(&pinned).is_ok());
     }

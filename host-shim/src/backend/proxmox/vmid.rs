@@ -52,10 +52,6 @@ impl VmidPool {
     pub fn held(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).held.len()
     }
-
-    pub fn range(&self) -> RangeInclusive<u32> {
-        self.range.clone()
-    }
 }
 
 #[cfg(test)]
