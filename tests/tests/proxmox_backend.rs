@@ -185,6 +185,7 @@ async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     let e = wrong.call("reading the version", Method::Get, "/version", &[]).await.unwrap_err().to_string();
     assert!(e.starts_with("reading the version: cannot reach the Proxmox API"), "{e}");
     assert!(e.contains(&format!("fingerprint is {}, not the pinned one", standin.fingerprint)), "{e}");
+    assert!(!e.contains(" attempts)"), "a refused certificate is not retried: {e}");
 
     // The stand-in's self-signed certificate is not a CA anyone trusts.
     let ca_dir = tempfile::tempdir().unwrap();
@@ -193,6 +194,7 @@ async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     let e = ca.call("reading the version", Method::Get, "/version", &[]).await.unwrap_err().to_string();
     assert!(e.starts_with("reading the version: cannot reach the Proxmox API"), "{e}");
     assert!(e.contains("invalid peer certificate"), "{e}");
+    assert!(!e.contains(" attempts)"), "a refused certificate is not retried: {e}");
 
     let insecure = client_with(&standin, &options, TlsConfig { insecure: true, ..TlsConfig::default() }).unwrap();
     let v = insecure.call("reading the version", Method::Get, "/version", &[]).await.unwrap();

@@ -97,6 +97,9 @@ enum Failure {
     Api(ApiError),
     /// The request never left: nothing can have happened.
     NotSent(String),
+    /// The TLS handshake refused the API's certificate: nothing was sent, and trying
+    /// again meets the same certificate.
+    Untrusted(String),
     /// The connection broke or timed out after the request was sent.
     Broken(String),
     Decode(String),
@@ -108,7 +111,7 @@ impl Failure {
         match self {
             Failure::Api(e) => e.is_lock_timeout() || e.is_vm_locked() || e.status == PROXY_CONNECT_FAILED,
             Failure::NotSent(_) => true,
-            Failure::Broken(_) | Failure::Decode(_) => false,
+            Failure::Untrusted(_) | Failure::Broken(_) | Failure::Decode(_) => false,
         }
     }
 
@@ -118,7 +121,7 @@ impl Failure {
         match self {
             Failure::Api(e) => e.status == PROXY_CONNECTION_LOST,
             Failure::Broken(_) => true,
-            Failure::NotSent(_) | Failure::Decode(_) => false,
+            Failure::NotSent(_) | Failure::Untrusted(_) | Failure::Decode(_) => false,
         }
     }
 
@@ -127,7 +130,9 @@ impl Failure {
         let attempts = Attempts(attempts);
         match self {
             Failure::Api(error) => PveError::Api { op, error, attempts },
-            Failure::NotSent(detail) | Failure::Broken(detail) => PveError::Transport { op, detail, attempts },
+            Failure::NotSent(detail) | Failure::Untrusted(detail) | Failure::Broken(detail) => {
+                PveError::Transport { op, detail, attempts }
+            }
             Failure::Decode(detail) => PveError::Decode { op, detail },
         }
     }
@@ -303,7 +308,13 @@ impl PveClient {
         };
         let resp = req.send().await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() { Failure::NotSent(detail) } else { Failure::Broken(detail) }
+            if is_tls_refusal(&e) {
+                Failure::Untrusted(detail)
+            } else if e.is_connect() {
+                Failure::NotSent(detail)
+            } else {
+                Failure::Broken(detail)
+            }
         })?;
         let status = resp.status();
         let reason = resp
@@ -330,6 +341,27 @@ impl PveClient {
 }
 
 /// An error and its causes, e.g. "error sending request: connection reset by peer".
+/// Whether rustls itself refused the connection (a certificate that fails the pin or
+/// the CA): a network fault shows up as a plain I/O error instead.
+fn is_tls_refusal(e: &reqwest::Error) -> bool {
+    // The connector nests rustls's error in I/O errors, whose `source` skips it.
+    fn is_rustls(err: &(dyn std::error::Error + 'static)) -> bool {
+        err.is::<rustls::Error>()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| is_rustls(inner))
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if is_rustls(s) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn error_chain(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
