@@ -2,29 +2,34 @@
 //! agent's own log and a `report.json`, as one tar stream in acknowledged chunks with
 //! its SHA-256. The job is over (its process group killed) before this runs, so the
 //! files hold still. Symlinks are never followed, and nothing but regular files goes in.
+//!
+//! Three stages overlap: a thread builds the tar into pooled chunks, a second hashes
+//! them (SHA-256 in software is the slowest stage under TCG, so it has a vCPU to
+//! itself), and the runtime's thread sends them.
 
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as sync_mpsc;
 
 use agentlab_protocol::{
-    ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN,
-    MessageKind, ProtocolError, encode_message,
+    ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, DataMessage, GuestConnection, GuestMessage, HostMessage,
+    MAX_CHUNK_LEN, MessageKind, ProtocolError,
 };
-use agentlab_redact::{RedactReader, Redactor};
+use agentlab_redact::Redactor;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
-use tokio_util::io::SyncIoBridge;
+use tokio::sync::mpsc;
 
+use crate::output::ChunkPool;
 use crate::session::Stream;
 
 /// Where the agent's own files go in the stream.
 pub const AGENT_DIR: &str = ".agentlab";
 /// Deepest directory walked.
 const MAX_DEPTH: usize = 64;
-/// Bytes buffered between the tar builder and the channel.
-const PIPE_BYTES: usize = 1024 * 1024;
-/// Read and write sizes around the tar builder (which copies in 8 KiB pieces).
+/// Chunks queued between two stages.
+const STAGE_CHUNKS: usize = 8;
+/// Read size for files that are redacted on their way into the tar.
 const IO_BYTES: usize = 256 * 1024;
 
 /// Files the agent adds itself, whatever the globs say.
@@ -41,38 +46,40 @@ pub async fn push<S: Stream>(
     agent_files: AgentFiles,
     redactor: &Redactor,
 ) -> Result<ArtifactSummary, ProtocolError> {
-    let (writer, mut reader) = tokio::io::duplex(PIPE_BYTES);
-    let (request_, workdir_, redactor_) = (request.clone(), workdir.to_owned(), redactor.clone());
-    // The builder's thread hashes what it writes, so hashing overlaps the sending.
+    let pool = ChunkPool::default();
+    let (built_tx, built_rx) = sync_mpsc::sync_channel::<Vec<u8>>(STAGE_CHUNKS);
+    let (hashed_tx, mut hashed_rx) = mpsc::channel::<Vec<u8>>(STAGE_CHUNKS);
+    let (request_, workdir_, redactor_, pool_) = (request.clone(), workdir.to_owned(), redactor.clone(), pool.clone());
     let builder = tokio::task::spawn_blocking(move || {
-        // tar copies in 8 KiB pieces; each write to the bridge is a hand-off to the
-        // runtime, so they are gathered into large ones first.
-        let bridge = std::io::BufWriter::with_capacity(IO_BYTES, SyncIoBridge::new(writer));
-        let mut tar = tar::Builder::new(Hashing { inner: bridge, hasher: Sha256::new() });
+        let mut tar = tar::Builder::new(ChunkWriter { chunk: pool_.take(), pool: pool_, tx: built_tx });
         let skipped = write_tar(&mut tar, &request_, &workdir_, agent_files, &redactor_);
-        match tar.into_inner() {
-            Ok(mut hashing) => {
-                let flushed = std::io::Write::flush(&mut hashing.inner);
-                (skipped, flushed.map(|()| hashing.hasher.finalize().into()))
+        let finished = tar.into_inner().and_then(|mut chunks| chunks.flush());
+        (skipped, finished)
+    });
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        for chunk in built_rx {
+            hasher.update(&chunk);
+            if hashed_tx.blocking_send(chunk).is_err() {
+                break;
             }
-            Err(e) => (skipped, Err(e)),
         }
+        <[u8; 32]>::from(hasher.finalize())
     });
 
     let (mut sent, mut acked, mut bytes) = (0u64, 0u64, 0u64);
     let mut eof = false;
     while !eof || acked < sent {
         if !eof && sent - acked < CHUNK_WINDOW {
-            let mut data = Vec::with_capacity(MAX_CHUNK_LEN);
-            let n = reader.read_buf(&mut data).await.map_err(|e| ProtocolError::io("reading the artifact tar", e))?;
-            if n == 0 {
+            let Some(data) = hashed_rx.recv().await else {
                 eof = true;
                 continue;
-            }
-            bytes += n as u64;
-            // Encoded once and written as it is (artifacts are redacted already).
-            let frame = encode_message(&GuestMessage::ArtifactChunk { seq: sent, data })?;
-            conn.send_frame(&frame).await?;
+            };
+            bytes += data.len() as u64;
+            // Sent from its own buffer (artifacts are redacted already), then reused.
+            let head = DataMessage::ArtifactChunk { seq: sent }.frame_head(data.len())?;
+            conn.send_data_frame(&head, &data).await?;
+            pool.give(data);
             sent += 1;
             continue;
         }
@@ -81,33 +88,50 @@ pub async fn push<S: Stream>(
             other => return Err(ProtocolError::Unexpected { expected: "ArtifactAck", got: other.kind().to_owned() }),
         }
     }
-    let (mut skipped, finished) =
-        builder.await.map_err(|e| ProtocolError::io("building the artifact tar", std::io::Error::other(e)))?;
+    let stage_failed =
+        |e: tokio::task::JoinError| ProtocolError::io("building the artifact tar", std::io::Error::other(e));
+    let (mut skipped, finished) = builder.await.map_err(stage_failed)?;
+    let sha256 = hasher.await.map_err(stage_failed)?;
     // An unfinished archive gets no hash: the host refuses it, with the reason recorded.
-    let sha256 = finished.unwrap_or_else(|e| {
-        skipped.push(format!("(archive): not finished: {e}"));
-        [0; 32]
-    });
+    let sha256 = match finished {
+        Ok(()) => sha256,
+        Err(e) => {
+            skipped.push(format!("(archive): not finished: {e}"));
+            [0; 32]
+        }
+    };
     let summary = ArtifactSummary { bytes, sha256, skipped };
     conn.send(GuestMessage::ArtifactsDone(summary.clone())).await?;
     Ok(summary)
 }
 
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hasher: Sha256,
+/// The tar builder's output: fills pooled chunks of [`MAX_CHUNK_LEN`] and hands each
+/// full one to the next stage.
+struct ChunkWriter {
+    chunk: Vec<u8>,
+    pool: ChunkPool,
+    tx: sync_mpsc::SyncSender<Vec<u8>>,
 }
 
-impl<W: std::io::Write> std::io::Write for Hashing<W> {
+impl ChunkWriter {
+    fn hand_on(&mut self) -> std::io::Result<()> {
+        let full = std::mem::replace(&mut self.chunk, self.pool.take());
+        self.tx.send(full).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sender stopped"))
+    }
+}
+
+impl Write for ChunkWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        let n = buf.len().min(MAX_CHUNK_LEN - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() == MAX_CHUNK_LEN {
+            self.hand_on()?;
+        }
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        if self.chunk.is_empty() { Ok(()) } else { self.hand_on() }
     }
 }
 
@@ -140,6 +164,7 @@ fn write_tar<W: std::io::Write>(
     }
     matched.sort_by(|a, b| a.0.cmp(&b.0));
     let mut total = 0u64;
+    let mut buf = vec![0u8; IO_BYTES];
     for (relative, meta) in matched {
         let shown = relative.display().to_string();
         if !meta.is_file() {
@@ -151,7 +176,7 @@ fn write_tar<W: std::io::Write>(
             skipped.push(format!("{shown}: over the {}-byte artifact cap", request.max_bytes));
             continue;
         }
-        match append_file(tar, workdir, &relative, &meta, redactor) {
+        match append_file(tar, workdir, &relative, &meta, redactor, &mut buf) {
             Ok(stored) => total += stored,
             Err(reason) => skipped.push(format!("{shown}: {reason}")),
         }
@@ -208,6 +233,7 @@ fn append_file<W: std::io::Write>(
     relative: &Path,
     meta: &std::fs::Metadata,
     redactor: &Redactor,
+    buf: &mut [u8],
 ) -> Result<u64, String> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new()
@@ -218,20 +244,79 @@ fn append_file<W: std::io::Write>(
     let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
     let mtime =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-    if redactor.is_empty() {
-        let mut header = regular_header(meta.len(), mode, mtime);
-        let reader = std::io::BufReader::with_capacity(IO_BYTES, file.take(meta.len()));
-        tar.append_data(&mut header, relative, reader).map_err(|e| e.to_string())?;
-        return Ok(meta.len());
-    }
-    // Redaction changes the length, which the tar header needs first: one pass to
-    // measure, one to send. The job is over, so the file holds still in between.
-    let length = redactor.redacted_len(&file).map_err(|e| e.to_string())?;
-    (&file).seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    // Redaction changes the length, which the tar header needs first: one pass counts
+    // (without copying), one sends. The job is over, so the file holds still between.
+    let length = if redactor.is_empty() {
+        meta.len()
+    } else {
+        let length = redactor.redacted_len(&file).map_err(|e| e.to_string())?;
+        (&file).seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        length
+    };
     let mut header = regular_header(length, mode, mtime);
-    tar.append_data(&mut header, relative, RedactReader::new(file, redactor).take(length))
-        .map_err(|e| e.to_string())?;
+    // tar writes the header (and a long name's extra entry); the data goes straight to
+    // the output in large pieces, where tar would copy it in 8 KiB ones.
+    tar.append_data(&mut header, relative, std::io::empty()).map_err(|e| e.to_string())?;
+    copy_data(tar.get_mut(), &file, length, redactor, buf).map_err(|e| e.to_string())?;
     Ok(length)
+}
+
+/// Writes exactly `length` bytes of the redacted file and the padding to the next
+/// 512-byte block. A file that changed since it was measured is cut or zero-padded to
+/// the length its header declares.
+fn copy_data<W: std::io::Write>(
+    out: &mut W,
+    mut file: &std::fs::File,
+    length: u64,
+    redactor: &Redactor,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut redact = redactor.stream();
+    let mut sink = Exactly { out, left: length, failed: None };
+    while sink.left > 0 {
+        let n = match file.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        redact.push(&buf[..n], &mut sink);
+        if let Some(e) = sink.failed.take() {
+            return Err(e);
+        }
+    }
+    redact.flush(&mut sink);
+    if let Some(e) = sink.failed.take() {
+        return Err(e);
+    }
+    let zeros = [0u8; 512];
+    while sink.left > 0 {
+        let n = sink.left.min(512) as usize;
+        sink.out.write_all(&zeros[..n])?;
+        sink.left -= n as u64;
+    }
+    let padding = ((512 - length % 512) % 512) as usize;
+    sink.out.write_all(&zeros[..padding])
+}
+
+/// A redaction output that writes up to `left` more bytes and drops the rest.
+struct Exactly<'w, W> {
+    out: &'w mut W,
+    left: u64,
+    failed: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> agentlab_redact::Output for Exactly<'_, W> {
+    fn put(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if n == 0 || self.failed.is_some() {
+            return;
+        }
+        match self.out.write_all(&bytes[..n]) {
+            Ok(()) => self.left -= n as u64,
+            Err(e) => self.failed = Some(e),
+        }
+    }
 }
 
 fn regular_header(size: u64, mode: u32, mtime: u64) -> tar::Header {
@@ -341,6 +426,51 @@ mod tests {
             contents.push(text);
         }
         assert_eq!(contents, ["key=[REDACTED]\n", "", "got [REDACTED]"]);
+    }
+
+    #[test]
+    fn long_names_and_odd_lengths_round_trip_through_the_direct_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let long_dir = format!("out/{}", "d".repeat(120));
+        std::fs::create_dir_all(dir.path().join(&long_dir)).unwrap();
+        let long_name = format!("{long_dir}/file-with-a-name-past-the-100-byte-header-field.txt");
+        let body: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join(&long_name), &body).unwrap();
+        std::fs::write(dir.path().join("out/secret.txt"), "a=sk-secret-999 b=sk-secret-999\n").unwrap();
+        let request = ArtifactRequest { globs: vec!["out/**".into()], max_bytes: 1 << 30 };
+        let mut tar = tar::Builder::new(Vec::new());
+        let files = AgentFiles { report_json: b"{}".to_vec(), agent_log: Vec::new() };
+        let skipped = write_tar(&mut tar, &request, dir.path(), files, &Redactor::new(["sk-secret-999"]));
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let bytes = tar.into_inner().unwrap();
+        assert_eq!(bytes.len() % 512, 0);
+        let mut archive = tar::Archive::new(&bytes[..]);
+        let mut entries = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let mut content = Vec::new();
+            entry.read_to_end(&mut content).unwrap();
+            entries.push((entry.path().unwrap().display().to_string(), content));
+        }
+        assert_eq!(entries.len(), 4, "{:?}", entries.iter().map(|e| &e.0).collect::<Vec<_>>());
+        assert_eq!(entries[0], (long_name, body));
+        assert_eq!(entries[1], ("out/secret.txt".to_owned(), b"a=[REDACTED] b=[REDACTED]\n".to_vec()));
+    }
+
+    #[test]
+    fn a_file_that_changed_since_it_was_measured_is_cut_or_padded_to_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let none = Redactor::new(Vec::<Vec<u8>>::new());
+        let mut buf = vec![0u8; 4];
+        for (declared, expected) in [(4u64, b"0123".to_vec()), (13, b"0123456789\0\0\0".to_vec())] {
+            let mut out = Vec::new();
+            copy_data(&mut out, &std::fs::File::open(&path).unwrap(), declared, &none, &mut buf).unwrap();
+            assert_eq!(out.len(), 512, "the data and its padding fill one block");
+            assert_eq!(&out[..expected.len()], &expected[..]);
+            assert!(out[expected.len()..].iter().all(|b| *b == 0));
+        }
     }
 
     #[test]

@@ -11,25 +11,22 @@ use std::time::Duration;
 use agentlab_protocol::{
     Enforcement, GuestMessage, HostMessage, JobOutcome, JobResult, JobSpec, OutputStream, ProtocolError,
 };
-use agentlab_redact::{RedactStream, Redactor};
+use agentlab_redact::Redactor;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use crate::error::AgentError;
 use crate::link::{Event, Link};
+use crate::output::{self, Pieces};
 use crate::sandbox::{AGENT_PID_ENV, LAUNCHER_SUBCOMMAND, LauncherReport, POLICY_ENV, prepare};
 use crate::status::StatusBoard;
 
 /// After the job's main process exits, how long its pipes may stay open before the
 /// agent stops reading them (a daemon that escaped the process group holds them).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
-
-/// How long output that could be the start of a secret is held before it is released.
-const FLUSH_IDLE: Duration = Duration::from_millis(200);
 
 /// How long the launcher may take to sandbox itself and exec the job.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,10 +58,20 @@ pub async fn run(
     secrets: &JobSecrets,
 ) -> Result<JobResult, AgentError> {
     let started = Instant::now();
-    let tmpdir = prepare::tmpdir_for(&spec.job_id, std::process::id());
-    let result = run_sandboxed(link, spec, board, &tmpdir, status_socket, secrets, started).await;
-    let _ = tokio::task::spawn_blocking(move || prepare::remove_tmpdir(&tmpdir)).await;
+    let tmpdir = JobTmpdir(prepare::tmpdir_for(&spec.job_id, std::process::id()));
+    let result = run_sandboxed(link, spec, board, &tmpdir.0, status_socket, secrets, started).await;
+    let _ = tokio::task::spawn_blocking(move || drop(tmpdir)).await;
     result
+}
+
+/// The job's private tmp dir, removed when dropped: after the job, and also when a
+/// SIGTERM drops the job's future halfway.
+struct JobTmpdir(PathBuf);
+
+impl Drop for JobTmpdir {
+    fn drop(&mut self) {
+        prepare::remove_tmpdir(&self.0);
+    }
 }
 
 fn spawn_failed(started: Instant, reason: String, enforcement: Enforcement) -> JobResult {
@@ -199,12 +206,21 @@ async fn run_sandboxed(
     // A host lost now learns of the job when it resumes it.
     link.send(GuestMessage::JobStarted { pid }).await;
 
-    let (tx, mut rx) = mpsc::channel::<(OutputStream, Vec<u8>)>(4);
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, OutputStream::Stdout, tx.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, OutputStream::Stderr, tx.clone()));
+    // A read's worth of pieces waiting per pipe keeps the readers busy while the link sends.
+    let (tx, mut rx) = mpsc::channel::<Pieces>(2);
+    let pipes = [
+        (child.stdout.take().map(|p| p.into_owned_fd()), OutputStream::Stdout),
+        (child.stderr.take().map(|p| p.into_owned_fd()), OutputStream::Stderr),
+    ];
+    for (pipe, stream) in pipes {
+        let Some(pipe) = pipe else { continue };
+        let reading =
+            pipe.and_then(|fd| output::spawn_reader(fd, stream, secrets.redactor.clone(), link.pool(), tx.clone()));
+        if let Err(e) = reading {
+            // Without its reader the job would block on a full pipe: it is not run.
+            let _ = killpg(group, Signal::SIGKILL);
+            return Ok(spawn_failed(started, format!("reading the job's {stream:?}: {e}"), enforcement));
+        }
     }
     drop(tx);
 
@@ -212,7 +228,6 @@ async fn run_sandboxed(
     let grace = Duration::from_millis(spec.kill_grace_ms);
     let far_future = started + Duration::from_secs(86_400 * 365);
 
-    let mut output = RedactedOutput::new(&secrets.redactor);
     let mut output_bytes: u64 = 0;
     let mut pipes_open = true;
     let mut exit: Option<ExitStatus> = None;
@@ -224,7 +239,6 @@ async fn run_sandboxed(
     tokio::pin!(wait);
 
     while exit.is_none() || pipes_open {
-        output_bytes += output.move_into(link);
         link.pump().await;
         let can_read = link.wants_output();
         tokio::select! {
@@ -242,14 +256,15 @@ async fn run_sandboxed(
                     return Err(gone);
                 }
             },
-            chunk = rx.recv(), if can_read && pipes_open => match chunk {
-                Some((stream, data)) => output.push(stream, data),
-                None => {
-                    pipes_open = false;
-                    output.flush();
+            piece = rx.recv(), if can_read && pipes_open => match piece {
+                Some((stream, pieces)) => {
+                    for data in pieces {
+                        output_bytes += data.len() as u64;
+                        link.queue(stream, data);
+                    }
                 }
+                None => pipes_open = false,
             },
-            () = sleep_until(output.flush_at.unwrap_or(far_future)), if output.flush_at.is_some() => output.flush(),
             status = &mut wait, if exit.is_none() => {
                 exit = Some(status.map_err(|e| ProtocolError::io("waiting for the job", e))?);
                 // Whatever the job left running in its group goes with it.
@@ -271,81 +286,12 @@ async fn run_sandboxed(
             () = sleep_until(drain_until.unwrap_or(far_future)), if drain_until.is_some() && pipes_open => {
                 tracing::warn!("job output pipes still open {} s after exit; not reading further", DRAIN_AFTER_EXIT.as_secs());
                 pipes_open = false;
-                output.flush();
             }
         }
     }
-    output_bytes += output.move_into(link);
-
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = outcome_of(exit, stop);
     Ok(JobResult { outcome, duration_ms, output_bytes, enforcement })
-}
-
-/// The job's two output streams after redaction, on their way to the link.
-///
-/// A stream holds back only what could still be the start of a secret, so line-oriented
-/// output is released as it comes. What is held is released after [`FLUSH_IDLE`] without
-/// more output, so a prompt or progress line is not stuck behind a possible secret prefix.
-struct RedactedOutput<'r> {
-    stdout: RedactStream<'r>,
-    stderr: RedactStream<'r>,
-    ready: Vec<(OutputStream, Vec<u8>)>,
-    flush_at: Option<Instant>,
-    /// No secrets: output passes as it is, without a copy.
-    redacts_nothing: bool,
-}
-
-impl<'r> RedactedOutput<'r> {
-    fn new(redactor: &'r Redactor) -> Self {
-        RedactedOutput {
-            stdout: redactor.stream(),
-            stderr: redactor.stream(),
-            ready: Vec::new(),
-            flush_at: None,
-            redacts_nothing: redactor.is_empty(),
-        }
-    }
-
-    fn push(&mut self, stream: OutputStream, data: Vec<u8>) {
-        if self.redacts_nothing {
-            self.ready.push((stream, data));
-            return;
-        }
-        let mut out = Vec::with_capacity(data.len());
-        match stream {
-            OutputStream::Stdout => self.stdout.push(&data, &mut out),
-            OutputStream::Stderr => self.stderr.push(&data, &mut out),
-        }
-        if !out.is_empty() {
-            self.ready.push((stream, out));
-        }
-        self.flush_at = (self.stdout.held() + self.stderr.held() > 0).then(|| Instant::now() + FLUSH_IDLE);
-    }
-
-    fn flush(&mut self) {
-        for stream in [OutputStream::Stdout, OutputStream::Stderr] {
-            let mut out = Vec::new();
-            match stream {
-                OutputStream::Stdout => self.stdout.flush(&mut out),
-                OutputStream::Stderr => self.stderr.flush(&mut out),
-            }
-            if !out.is_empty() {
-                self.ready.push((stream, out));
-            }
-        }
-        self.flush_at = None;
-    }
-
-    /// Hands what is ready to the link (which cuts it into chunks); returns its size.
-    fn move_into(&mut self, link: &mut Link) -> u64 {
-        let mut bytes = 0;
-        for (stream, data) in self.ready.drain(..) {
-            bytes += data.len() as u64;
-            link.queue(stream, data);
-        }
-        bytes
-    }
 }
 
 fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> JobOutcome {
@@ -365,31 +311,5 @@ fn outcome_of(exit: Option<ExitStatus>, stop: Option<(StopReason, Signal)>) -> J
             (None, None) => JobOutcome::SpawnFailed { reason: format!("unrecognised exit status {status}") },
         },
         (None, None) => JobOutcome::SpawnFailed { reason: "the job vanished".to_owned() },
-    }
-}
-
-/// How much of the job's output one read takes: a pipe this large lets a fast writer
-/// hand over several chunks per wake-up (context switches are dear, under TCG most).
-const PIPE_BYTES: usize = 1024 * 1024;
-
-/// Reads a pipe into fresh buffers, which travel on without a copy.
-async fn pump<R: AsyncRead + Unpin + AsRawFd>(
-    mut pipe: R,
-    stream: OutputStream,
-    tx: mpsc::Sender<(OutputStream, Vec<u8>)>,
-) {
-    // SAFETY: fcntl on a descriptor this pipe owns and keeps open; no memory is passed.
-    // Failure (a limit in /proc/sys/fs/pipe-max-size) only costs speed.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) };
-    loop {
-        let mut buf = Vec::with_capacity(PIPE_BYTES);
-        match pipe.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if tx.send((stream, buf)).await.is_err() {
-                    return;
-                }
-            }
-        }
     }
 }

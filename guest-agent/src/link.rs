@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN, MessageKind, OutputChunk, OutputStream,
-    encode_message,
+    CHUNK_WINDOW, DataMessage, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN, MessageKind, OutputChunk,
+    OutputStream,
 };
 use tokio::task::JoinHandle;
 
 use crate::error::AgentError;
+use crate::output::ChunkPool;
 use crate::session::{BoxStream, Dialer};
 
 /// Most output bytes held while the host is away (or slow); more is dropped.
@@ -53,6 +54,8 @@ pub struct Link {
     /// the end.
     resumable: bool,
     lost: Option<String>,
+    /// Where acknowledged chunks' buffers go, for the output readers to fill again.
+    pool: ChunkPool,
 }
 
 impl Link {
@@ -69,7 +72,13 @@ impl Link {
             dropped: 0,
             resumable,
             lost: None,
+            pool: ChunkPool::default(),
         }
+    }
+
+    /// The pool the link returns stored chunks' buffers to.
+    pub fn pool(&self) -> ChunkPool {
+        self.pool.clone()
     }
 
     pub fn is_up(&self) -> bool {
@@ -102,6 +111,7 @@ impl Link {
     fn queue_piece(&mut self, stream: OutputStream, piece: Vec<u8>) {
         if self.buffered + piece.len() > MAX_BUFFERED {
             self.dropped += piece.len() as u64;
+            self.pool.give(piece);
             return;
         }
         self.buffered += piece.len();
@@ -113,22 +123,20 @@ impl Link {
         while (self.unacked.len() as u64) < CHUNK_WINDOW {
             let Some(conn) = self.conn.as_mut() else { return };
             let Some((stream, data)) = self.pending.pop_front() else { return };
-            // Encoded once and written as it is; the chunk itself stays for a resend.
-            let msg = GuestMessage::Output(OutputChunk { seq: self.next_seq, stream, data });
-            let frame = encode_message(&msg);
-            let GuestMessage::Output(chunk) = msg else { return };
-            let sent = match frame {
-                Ok(frame) => conn.send_frame(&frame).await,
+            // The data goes out from its own buffer and stays there for a resend.
+            let head = DataMessage::Output { seq: self.next_seq, stream }.frame_head(data.len());
+            let sent = match head {
+                Ok(head) => conn.send_data_frame(&head, &data).await,
                 Err(e) => Err(e),
             };
             match sent {
                 Ok(()) => {
+                    self.unacked.push_back(OutputChunk { seq: self.next_seq, stream, data });
                     self.next_seq += 1;
-                    self.unacked.push_back(chunk);
                 }
                 Err(e) => {
                     // Not sent: back where it was.
-                    self.pending.push_front((chunk.stream, chunk.data));
+                    self.pending.push_front((stream, data));
                     self.lose(&e.to_string());
                 }
             }
@@ -157,6 +165,7 @@ impl Link {
         while self.unacked.front().is_some_and(|c| c.seq <= seq) {
             if let Some(chunk) = self.unacked.pop_front() {
                 self.buffered -= chunk.data.len();
+                self.pool.give(chunk.data);
             }
         }
     }

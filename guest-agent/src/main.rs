@@ -12,6 +12,7 @@ mod init;
 mod job;
 mod link;
 mod modules;
+mod output;
 mod sandbox;
 mod secrets;
 mod selftest;

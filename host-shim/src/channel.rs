@@ -3,6 +3,7 @@
 //! sequence and size, and any violation ends the session with the reason.
 
 use std::path::Path;
+use std::time::Duration;
 
 use agentlab_protocol::{
     ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, Capabilities, GuestMessage, Hello, HelloAck, HostConnection,
@@ -102,9 +103,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         let limit = request.max_bytes.saturating_add(TAR_OVERHEAD);
         self.send(HostMessage::CollectArtifacts(request), PHASE).await?;
         let mut hasher = Sha256::new();
+        let mut acks = AckBatch::default();
         let (mut next_seq, mut bytes) = (0u64, 0u64);
         loop {
-            match self.recv(PHASE).await? {
+            let Some(msg) = self.recv_acking(PHASE, &mut None, &mut acks).await? else { continue };
+            match msg {
                 GuestMessage::ArtifactChunk { seq, data } => {
                     let violation = |detail: String| SessionError::Violation { phase: PHASE, detail };
                     if seq != next_seq {
@@ -121,7 +124,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                     }
                     hasher.update(&data);
                     sink.write_all(&data).map_err(SessionError::Store)?;
-                    self.send(HostMessage::ArtifactAck { seq }, PHASE).await?;
+                    if let Some(ack) = acks.stored(HostMessage::ArtifactAck { seq }) {
+                        self.send(ack, PHASE).await?;
+                    }
                     next_seq += 1;
                     crate::crashpoint::here("mid-artifact");
                 }
@@ -291,9 +296,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         mut next_seq: u64,
     ) -> Result<JobResult, SessionError> {
         let mut cancel = self.cancel.take();
+        let mut acks = AckBatch::default();
         loop {
             let phase = if started { "while the job was running" } else { "before the job started" };
-            let msg = match self.recv_or_cancel(phase, &mut cancel).await? {
+            let msg = match self.recv_acking(phase, &mut cancel, &mut acks).await? {
                 Some(msg) => msg,
                 None => {
                     // The agent stops the job (SIGTERM, then SIGKILL) and reports it.
@@ -321,8 +327,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                             detail: format!("output chunk of {} bytes, over {MAX_CHUNK_LEN}", chunk.data.len()),
                         });
                     }
-                    if observer.output(&chunk).map_err(SessionError::Store)? {
-                        self.conn.send(HostMessage::OutputAck { seq: chunk.seq }).await?;
+                    if observer.output(&chunk).map_err(SessionError::Store)?
+                        && let Some(ack) = acks.stored(HostMessage::OutputAck { seq: chunk.seq })
+                    {
+                        self.conn.send(ack).await?;
                     }
                     next_seq += 1;
                 }
@@ -340,6 +348,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 other => return Err(unexpected(phase, &other)),
             }
         }
+    }
+
+    /// [`Self::recv_or_cancel`], sending the held-back acknowledgement first if the
+    /// next message takes longer than [`ACK_DELAY`].
+    async fn recv_acking(
+        &mut self,
+        phase: &'static str,
+        cancel: &mut Option<watch::Receiver<Option<String>>>,
+        acks: &mut AckBatch,
+    ) -> Result<Option<GuestMessage>, SessionError> {
+        if acks.pending.is_some() {
+            if let Ok(msg) = tokio::time::timeout(ACK_DELAY, self.recv_or_cancel(phase, cancel)).await {
+                return msg;
+            }
+            if let Some(ack) = acks.take_pending() {
+                self.send(ack, phase).await?;
+            }
+        }
+        self.recv_or_cancel(phase, cancel).await
     }
 
     /// The next message, or `None` once when `cancel` gets a reason.
@@ -387,6 +414,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
     }
 }
 
+/// Most stored chunks left unacknowledged: a quarter of the sender's window, so it
+/// never waits on an acknowledgement held back here.
+const ACK_EVERY: u64 = CHUNK_WINDOW / 4;
+/// How long an acknowledgement is held back waiting for the next chunk. A sender that
+/// waits on it (the end of a burst, a full window) waits this much longer.
+const ACK_DELAY: Duration = Duration::from_millis(3);
+
+/// Acknowledges stored chunks in batches. Every acknowledgement costs the guest an
+/// interrupt, a wake-up and a read (dear under TCG); they are cumulative, so one
+/// stands for every chunk before it.
+#[derive(Default)]
+struct AckBatch {
+    unacked: u64,
+    /// The acknowledgement of the last stored chunk, not sent yet.
+    pending: Option<HostMessage>,
+}
+
+impl AckBatch {
+    /// One more chunk is stored: returns its acknowledgement if it is due now (every
+    /// [`ACK_EVERY`] chunks), else holds it back.
+    fn stored(&mut self, ack: HostMessage) -> Option<HostMessage> {
+        self.unacked += 1;
+        if self.unacked >= ACK_EVERY {
+            self.unacked = 0;
+            self.pending = None;
+            return Some(ack);
+        }
+        self.pending = Some(ack);
+        None
+    }
+
+    fn take_pending(&mut self) -> Option<HostMessage> {
+        self.unacked = 0;
+        self.pending.take()
+    }
+}
+
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted)
@@ -394,4 +458,30 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 
 fn unexpected(phase: &'static str, msg: &GuestMessage) -> SessionError {
     SessionError::Violation { phase, detail: format!("unexpected {} message", msg.kind()) }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn acknowledgements_go_out_every_quarter_window_and_the_rest_is_held() {
+        let mut acks = AckBatch::default();
+        let mut sent = Vec::new();
+        for seq in 0..40 {
+            if let Some(HostMessage::OutputAck { seq }) = acks.stored(HostMessage::OutputAck { seq }) {
+                sent.push(seq);
+            }
+        }
+        assert_eq!(sent, [15, 31]);
+        assert_eq!(acks.take_pending(), Some(HostMessage::OutputAck { seq: 39 }));
+        assert_eq!(acks.take_pending(), None);
+        // Taking the held one starts the count again.
+        let due: Vec<bool> =
+            (0..ACK_EVERY).map(|seq| acks.stored(HostMessage::ArtifactAck { seq }).is_some()).collect();
+        assert_eq!(due.iter().filter(|d| **d).count(), 1);
+        assert!(due[ACK_EVERY as usize - 1]);
+    }
 }

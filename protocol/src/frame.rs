@@ -12,7 +12,7 @@ use zeroize::Zeroize;
 
 use crate::{GuestMessage, HostMessage, MAX_FRAME_LEN, ProtocolError};
 
-const HEADER_LEN: usize = 4;
+pub(crate) const HEADER_LEN: usize = 4;
 
 /// Encodes one message as a complete frame (header and payload), in one allocation of
 /// exactly the frame's size: no growing buffer leaves a stale copy of the payload.
@@ -132,14 +132,15 @@ where
         Ok(())
     }
 
-    /// Writes a frame already encoded with [`encode_message`] straight to the stream,
-    /// after whatever the codec holds: one copy fewer than [`Self::send`], for bulk
-    /// data. Not wiped: use it for nothing secret.
-    pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
+    /// Writes a [`crate::DataMessage`] frame as its head and its data, in one vectored
+    /// write where the stream supports it: the data is not copied into a frame. Not
+    /// wiped: use it for nothing secret.
+    pub async fn send_data_frame(&mut self, head: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+        use bytes::Buf;
         use tokio::io::AsyncWriteExt;
         SinkExt::<Out>::flush(&mut self.framed).await?;
         let stream = self.framed.get_mut();
-        stream.write_all(frame).await.map_err(|e| ProtocolError::io("sending a frame", e))?;
+        stream.write_all_buf(&mut head.chain(data)).await.map_err(|e| ProtocolError::io("sending a frame", e))?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 //! supported versions. The `Hello`/`HelloAck`/`HelloReject` layouts are frozen: a later
 //! protocol version adds new messages or capability bits, never new fields in them.
 
+mod data_frame;
 mod error;
 mod frame;
 mod handshake;
@@ -17,6 +18,7 @@ mod messages;
 mod secret;
 pub mod transport;
 
+pub use data_frame::DataMessage;
 pub use error::ProtocolError;
 pub use frame::{Connection, FrameCodec, GuestConnection, HostConnection, decode_message, encode_message};
 pub use handshake::{guest_handshake, host_handshake, negotiate_version};

@@ -2,7 +2,10 @@
 
 use std::io::{self, Read};
 
-use crate::{RedactStream, Redactor};
+use crate::{ByteCount, RedactStream, Redactor};
+
+/// Bytes read from the inner reader at a time.
+const READ_BYTES: usize = 256 * 1024;
 
 /// Reads `inner` with every secret replaced, as [`Redactor::redact_all`] would, in
 /// bounded memory: the chunk being worked on and the held-back tail.
@@ -23,7 +26,7 @@ impl<R: Read> RedactReader<R> {
             out: Vec::new(),
             pos: 0,
             done: false,
-            chunk: vec![0u8; 64 * 1024],
+            chunk: vec![0u8; READ_BYTES],
         }
     }
 }
@@ -52,9 +55,22 @@ impl<R: Read> Read for RedactReader<R> {
 }
 
 impl Redactor {
-    /// How long `inner` is once redacted, read through once without keeping it.
-    pub fn redacted_len(&self, inner: impl Read) -> io::Result<u64> {
-        io::copy(&mut RedactReader::new(inner, self), &mut io::sink())
+    /// How long `inner` is once redacted, read through once: only counted, never
+    /// copied.
+    pub fn redacted_len(&self, mut inner: impl Read) -> io::Result<u64> {
+        let mut stream = self.stream();
+        let mut count = ByteCount::default();
+        let mut chunk = vec![0u8; READ_BYTES];
+        loop {
+            match inner.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => stream.push(&chunk[..n], &mut count),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        stream.flush(&mut count);
+        Ok(count.0)
     }
 }
 

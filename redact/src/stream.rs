@@ -22,6 +22,28 @@ impl InnerRef<'_> {
     }
 }
 
+/// Where redacted bytes go: a buffer, or only their count (to learn a file's redacted
+/// length without copying it).
+pub trait Output {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Output for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Counts what would have been written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCount(pub u64);
+
+impl Output for ByteCount {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len() as u64;
+    }
+}
+
 /// Redacts one output stream incrementally.
 ///
 /// Output equals [`Redactor::redact_all`](crate::Redactor::redact_all) of the
@@ -52,10 +74,10 @@ impl<'a> RedactStream<'a> {
 
 impl RedactStream<'_> {
     /// Appends redacted output that is safe to release now to `out`; holds back only what could still be the start of a match.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+    pub fn push<O: Output + ?Sized>(&mut self, chunk: &[u8], out: &mut O) {
         let max_len = match &self.inner.get().matcher {
             Matcher::Nothing => {
-                out.extend_from_slice(chunk);
+                out.put(chunk);
                 return;
             }
             Matcher::FailClosed => {
@@ -106,10 +128,10 @@ impl RedactStream<'_> {
     /// A secret split across a flush is not recognised, so flushing mid-stream
     /// trades safety for liveness; see [`held`](Self::held) to flush only when
     /// something is actually waiting.
-    pub fn flush(&mut self, out: &mut Vec<u8>) {
+    pub fn flush<O: Output + ?Sized>(&mut self, out: &mut O) {
         if let Matcher::FailClosed = self.inner.get().matcher {
             if std::mem::take(&mut self.saw_input) {
-                out.extend_from_slice(REDACTED);
+                out.put(REDACTED);
             }
             return;
         }
@@ -130,7 +152,7 @@ impl RedactStream<'_> {
     /// Scans `buf` (which starts where the previous release ended), writes
     /// the releasable part to `out` and returns the offset where held bytes
     /// begin (`buf.len()` at the end of the stream).
-    fn process(&mut self, buf: &[u8], at_end: bool, out: &mut Vec<u8>) -> usize {
+    fn process<O: Output + ?Sized>(&mut self, buf: &[u8], at_end: bool, out: &mut O) -> usize {
         let Matcher::Engine(engine) = &self.inner.get().matcher else {
             return buf.len();
         };
@@ -148,7 +170,7 @@ impl RedactStream<'_> {
 ///
 /// Matches that start at or after `cut` are left alone; the caller rescans
 /// those bytes next time.
-fn emit(buf: &[u8], cut: usize, carry: usize, spans: &mut Vec<Span>, out: &mut Vec<u8>) -> usize {
+fn emit<O: Output + ?Sized>(buf: &[u8], cut: usize, carry: usize, spans: &mut Vec<Span>, out: &mut O) -> usize {
     if carry > 0 {
         spans.push((0, carry));
     }
@@ -164,9 +186,9 @@ fn emit(buf: &[u8], cut: usize, carry: usize, spans: &mut Vec<Span>, out: &mut V
             }
             break;
         }
-        out.extend_from_slice(&buf[cursor..start]);
+        out.put(&buf[cursor..start]);
         if !already_written {
-            out.extend_from_slice(REDACTED);
+            out.put(REDACTED);
         }
         if end > cut {
             new_carry = end - cut;
@@ -176,7 +198,7 @@ fn emit(buf: &[u8], cut: usize, carry: usize, spans: &mut Vec<Span>, out: &mut V
         cursor = end;
     }
     if cursor < cut {
-        out.extend_from_slice(&buf[cursor..cut]);
+        out.put(&buf[cursor..cut]);
     }
     new_carry
 }

@@ -481,8 +481,14 @@ fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
     agentlab_tests::raw_tar_entry(&mut tar, "out/shadow", b'2', "/etc/shadow", b"");
     agentlab_tests::raw_tar_entry(&mut tar, "out/null", b'3', "", b"");
     tar.extend_from_slice(&[0u8; 1024]);
-    fake.write_all(&encode_message(&GuestMessage::ArtifactChunk { seq: 0, data: tar.clone() }).unwrap()).unwrap();
-    assert!(matches!(read_frame(&mut fake), HostMessage::ArtifactAck { seq: 0 }));
+    // Three chunks at once get one acknowledgement (cumulative), held back until no
+    // more came: a guest waiting on its last chunk's is not left waiting.
+    let mut frames = Vec::new();
+    for (seq, piece) in tar.chunks(tar.len() / 3 + 1).enumerate() {
+        frames.extend(encode_message(&GuestMessage::ArtifactChunk { seq: seq as u64, data: piece.to_vec() }).unwrap());
+    }
+    fake.write_all(&frames).unwrap();
+    assert_eq!(read_frame(&mut fake), HostMessage::ArtifactAck { seq: 2 });
     let summary = agentlab_protocol::ArtifactSummary {
         bytes: tar.len() as u64,
         sha256: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&tar)).into(),

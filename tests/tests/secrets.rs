@@ -269,8 +269,10 @@ async fn sigterm_kills_the_job_and_wipes_the_secrets() {
     );
     assert!(h.secrets_dir().join("settings.json").is_file());
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
+    let agent_pid = agent.id().unwrap();
+    let job_tmpdir = PathBuf::from(format!("/tmp/agentlab-job-job-secrets.{agent_pid}"));
+    assert!(job_tmpdir.is_dir(), "the job's private tmp dir exists while it runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(1), "the agent reports the stop as a failure");
     let err = session.await.unwrap().unwrap_err();
@@ -283,6 +285,7 @@ async fn sigterm_kills_the_job_and_wipes_the_secrets() {
     }
     std::fs::remove_file(&pid_file).unwrap();
     h.assert_wiped();
+    assert!(!job_tmpdir.exists(), "the job's tmp dir outlived the agent's SIGTERM");
 }
 
 /// The CLI against a real agentlabd: values in through stdin, never out.
