@@ -24,7 +24,7 @@ use crate::output::ChunkPool;
 use crate::session::Stream;
 
 /// Where the agent's own files go in the stream.
-pub const AGENT_DIR: &str = ".agentlab";
+const AGENT_DIR: &str = ".agentlab";
 /// Deepest directory walked.
 const MAX_DEPTH: usize = 64;
 /// Chunks queued between two stages.
@@ -77,8 +77,7 @@ pub async fn push<S: Stream>(
             };
             bytes += data.len() as u64;
             // Sent from its own buffer (artifacts are redacted already), then reused.
-            let head = DataMessage::ArtifactChunk { seq: sent }.frame_head(data.len())?;
-            conn.send_data_frame(&head, &data).await?;
+            conn.send_data_frame(DataMessage::ArtifactChunk { seq: sent }, &data).await?;
             pool.give(data);
             sent += 1;
             continue;
@@ -214,7 +213,8 @@ fn walk(
             skipped.push(format!("{}: the name is not UTF-8", relative.display()));
             continue;
         };
-        if text == AGENT_DIR || text.starts_with(".agentlab/") {
+        // Whole components: `.agentlab` and everything below it, not `.agentlabX`.
+        if relative.starts_with(AGENT_DIR) {
             continue;
         }
         if meta.is_dir() {

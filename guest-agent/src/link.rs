@@ -22,9 +22,9 @@ use crate::output::ChunkPool;
 use crate::session::{BoxStream, Dialer};
 
 /// Most output bytes held while the host is away (or slow); more is dropped.
-pub const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+const MAX_BUFFERED: usize = 16 * 1024 * 1024;
 /// How long the agent keeps re-dialing before it gives the job up.
-pub const RESUME_WINDOW: Duration = Duration::from_secs(600);
+const RESUME_WINDOW: Duration = Duration::from_secs(600);
 const REDIAL_PAUSE: Duration = Duration::from_millis(200);
 
 /// What the link has for the caller. Short-lived, one at a time: its size is no concern.
@@ -124,12 +124,7 @@ impl Link {
             let Some(conn) = self.conn.as_mut() else { return };
             let Some((stream, data)) = self.pending.pop_front() else { return };
             // The data goes out from its own buffer and stays there for a resend.
-            let head = DataMessage::Output { seq: self.next_seq, stream }.frame_head(data.len());
-            let sent = match head {
-                Ok(head) => conn.send_data_frame(&head, &data).await,
-                Err(e) => Err(e),
-            };
-            match sent {
+            match conn.send_data_frame(DataMessage::Output { seq: self.next_seq, stream }, &data).await {
                 Ok(()) => {
                     self.unacked.push_back(OutputChunk { seq: self.next_seq, stream, data });
                     self.next_seq += 1;
@@ -216,10 +211,13 @@ impl Link {
     /// queued again, renumbered from there.
     fn resume(&mut self, conn: GuestConnection<BoxStream>, stored_through: Option<u64>) {
         let next = stored_through.map_or(0, |s| s + 1);
-        let unsent: Vec<(OutputStream, Vec<u8>)> =
-            self.unacked.drain(..).filter(|c| c.seq >= next).map(|c| (c.stream, c.data)).collect();
-        for (stream, data) in unsent.into_iter().rev() {
-            self.pending.push_front((stream, data));
+        // Stored ones are done with (their buffers are reused); the rest go again, first.
+        let (stored, unsent): (Vec<OutputChunk>, Vec<OutputChunk>) = self.unacked.drain(..).partition(|c| c.seq < next);
+        for chunk in stored {
+            self.pool.give(chunk.data);
+        }
+        for chunk in unsent.into_iter().rev() {
+            self.pending.push_front((chunk.stream, chunk.data));
         }
         self.buffered = self.pending.iter().map(|(_, d)| d.len()).sum();
         if self.dropped > 0 {

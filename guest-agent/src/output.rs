@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 /// hand over several chunks per wake-up (context switches are dear, under TCG most).
 const PIPE_BYTES: usize = 1024 * 1024;
 /// How long output that could be the start of a secret is held before it is released.
-pub const FLUSH_IDLE: Duration = Duration::from_millis(200);
+const FLUSH_IDLE: Duration = Duration::from_millis(200);
 /// How often an idle reader checks whether anyone still wants its output.
 const CHECK_CLOSED: Duration = Duration::from_millis(250);
 /// Buffers the pool keeps: the window's worth and a little more.

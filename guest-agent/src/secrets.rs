@@ -17,10 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::sysinfo;
 
-/// Where the secrets tmpfs is mounted by default.
-pub const SECRETS_DIR: &str = "/run/agentlab/secrets";
 /// Subdirectory holding environment secrets, for the launcher only.
-pub const ENV_SUBDIR: &str = ".env";
+const ENV_SUBDIR: &str = ".env";
 /// Size of the tmpfs: a full bundle (512 KiB) plus room for inodes.
 const TMPFS_SIZE: &str = "1m";
 
@@ -56,7 +54,7 @@ pub struct SecretsStatus {
 }
 
 /// Whether this kernel's tmpfs takes `noswap` (added in Linux 6.4).
-pub fn kernel_has_tmpfs_noswap(release: &str) -> bool {
+fn kernel_has_tmpfs_noswap(release: &str) -> bool {
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);

@@ -28,7 +28,7 @@ pub struct SelftestArgs {
     #[arg(long, default_value = "/tmp")]
     pub outside: PathBuf,
     /// The secrets directory the job should not be able to read.
-    #[arg(long, default_value = "/run/agentlab/secrets")]
+    #[arg(long, default_value = agentlab_protocol::GUEST_SECRETS_DIR)]
     pub secrets_dir: PathBuf,
 }
 

@@ -6,15 +6,16 @@ use std::time::{Duration, Instant};
 
 use agentlab_protocol::transport::vsock;
 use agentlab_protocol::{
-    AGENT_VSOCK_PORT, Capabilities, GuestConnection, GuestMessage, HOST_CID, Hello, HelloAck, HostMessage, JobOutcome,
-    JobResult, JobSpec, MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError, guest_handshake,
+    AGENT_VSOCK_PORT, Capabilities, GUEST_SECRETS_DIR, GuestConnection, GuestMessage, HOST_CID, Hello, HelloAck,
+    HostMessage, JobOutcome, JobResult, JobSpec, MIN_PROTOCOL_VERSION, MessageKind, PROTOCOL_VERSION, ProtocolError,
+    guest_handshake,
 };
 use agentlab_redact::Redactor;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::AgentError;
 use crate::link::{Event, Link};
-use crate::secrets::{self, SECRETS_DIR, SecretsDir};
+use crate::secrets::{self, SecretsDir};
 use crate::status::{JobStatus, Phase, StatusBoard};
 use crate::{STATUS_SOCKET, agentlog, artifacts, job, sysinfo, upload};
 
@@ -37,7 +38,7 @@ pub struct RunArgs {
     #[arg(long, default_value = STATUS_SOCKET)]
     pub status_socket: PathBuf,
     /// Where to mount the job's secrets tmpfs.
-    #[arg(long, default_value = SECRETS_DIR)]
+    #[arg(long, default_value = GUEST_SECRETS_DIR)]
     pub secrets_dir: PathBuf,
 }
 
@@ -48,7 +49,7 @@ impl Default for RunArgs {
             port: AGENT_VSOCK_PORT,
             unix: None,
             status_socket: PathBuf::from(STATUS_SOCKET),
-            secrets_dir: PathBuf::from(SECRETS_DIR),
+            secrets_dir: PathBuf::from(GUEST_SECRETS_DIR),
         }
     }
 }

@@ -106,21 +106,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
         let mut acks = AckBatch::default();
         let (mut next_seq, mut bytes) = (0u64, 0u64);
         loop {
+            // No cancel receiver: every call returns a message.
             let Some(msg) = self.recv_acking(PHASE, &mut None, &mut acks).await? else { continue };
             match msg {
                 GuestMessage::ArtifactChunk { seq, data } => {
-                    let violation = |detail: String| SessionError::Violation { phase: PHASE, detail };
-                    if seq != next_seq {
-                        return Err(violation(format!("artifact chunk {seq} where {next_seq} was due")));
-                    }
-                    if data.len() > MAX_CHUNK_LEN {
-                        return Err(violation(format!("artifact chunk of {} bytes, over {MAX_CHUNK_LEN}", data.len())));
-                    }
+                    check_chunk(PHASE, "artifact", seq, next_seq, data.len())?;
                     bytes += data.len() as u64;
                     if bytes > limit {
-                        return Err(violation(format!(
-                            "the artifacts exceed the {limit}-byte limit (cap plus tar overhead)"
-                        )));
+                        return Err(SessionError::Violation {
+                            phase: PHASE,
+                            detail: format!("the artifacts exceed the {limit}-byte limit (cap plus tar overhead)"),
+                        });
                     }
                     hasher.update(&data);
                     sink.write_all(&data).map_err(SessionError::Store)?;
@@ -315,22 +311,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
                 // A resumed agent may say it again; once is what counts.
                 GuestMessage::JobStarted { .. } => {}
                 GuestMessage::Output(chunk) if started => {
-                    if chunk.seq != next_seq {
-                        return Err(SessionError::Violation {
-                            phase,
-                            detail: format!("output chunk {} where {next_seq} was due", chunk.seq),
-                        });
-                    }
-                    if chunk.data.len() > MAX_CHUNK_LEN {
-                        return Err(SessionError::Violation {
-                            phase,
-                            detail: format!("output chunk of {} bytes, over {MAX_CHUNK_LEN}", chunk.data.len()),
-                        });
-                    }
+                    check_chunk(phase, "output", chunk.seq, next_seq, chunk.data.len())?;
                     if observer.output(&chunk).map_err(SessionError::Store)?
                         && let Some(ack) = acks.stored(HostMessage::OutputAck { seq: chunk.seq })
                     {
-                        self.conn.send(ack).await?;
+                        self.send(ack, phase).await?;
                     }
                     next_seq += 1;
                 }
@@ -412,6 +397,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostSession<S> {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A streamed chunk must be the next in sequence and no larger than [`MAX_CHUNK_LEN`].
+fn check_chunk(phase: &'static str, what: &str, seq: u64, next_seq: u64, len: usize) -> Result<(), SessionError> {
+    let detail = if seq != next_seq {
+        format!("{what} chunk {seq} where {next_seq} was due")
+    } else if len > MAX_CHUNK_LEN {
+        format!("{what} chunk of {len} bytes, over {MAX_CHUNK_LEN}")
+    } else {
+        return Ok(());
+    };
+    Err(SessionError::Violation { phase, detail })
 }
 
 /// Most stored chunks left unacknowledged: a quarter of the sender's window, so it

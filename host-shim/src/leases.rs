@@ -57,17 +57,9 @@ async fn release(daemon: &Daemon, id: &str, reason: &str) -> Result<(), DaemonEr
     };
     kept.refuser.abort();
     kept.session.shutdown().await;
-    match kept.vm.destroy().await {
-        Ok(()) => {
-            daemon.store.transition_sandbox(id, SandboxState::Destroyed, Some(reason))?;
-            Ok(())
-        }
-        Err(e) => {
-            let msg = format!("tearing sandbox {id} down failed: {e}");
-            let _ = daemon.store.record_event(Some(&kept.job_id), Some(id), "sandbox.destroy_failed", &msg);
-            Err(DaemonError::Invalid(msg))
-        }
-    }
+    crate::runner::destroy_vm(daemon, &kept.job_id, id, kept.vm).await.map_err(DaemonError::Invalid)?;
+    daemon.store.transition_sandbox(id, SandboxState::Destroyed, Some(reason))?;
+    Ok(())
 }
 
 /// `agentlab sandbox destroy`: a kept sandbox goes now; one running a job only with

@@ -6,9 +6,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::admission::Need;
 use crate::api::{JobView, SandboxView};
-use crate::backend::Sandbox;
+use crate::backend::{Sandbox, proxmox};
 use crate::config::DEFAULT_PROFILE;
 use crate::daemon::{Daemon, DaemonError};
 use crate::joblog::JobLog;
@@ -29,7 +28,7 @@ impl Daemon {
             let in_session = job.state == JobState::Running;
             let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
                 // A Proxmox VM is the reconciler's: it destroys it, then marks the sandbox.
-                _ if sandbox.backend == "proxmox" => {
+                _ if sandbox.backend == proxmox::BACKEND_NAME => {
                     "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
                         .to_owned()
                 }
@@ -60,21 +59,13 @@ impl Daemon {
                 let reason = "agentlabd stopped while this sandbox was in use";
                 self.store.transition_sandbox(id, SandboxState::Failed, Some(reason))?;
             }
-            if view.backend == "proxmox" {
+            if view.backend == proxmox::BACKEND_NAME {
                 continue;
             }
             self.store.transition_sandbox(id, SandboxState::Destroyed, Some("cleaned up at start"))?;
             self.backend.discard(id);
         }
-        // Leftovers no record speaks for (a crash between creating a VM and recording it).
-        if let Ok(entries) = std::fs::read_dir(&self.config.qemu.run_dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !resumed.contains(&name) {
-                    self.backend.discard(&name);
-                }
-            }
-        }
+        self.backend.discard_unrecorded(&resumed);
         Ok(())
     }
 
@@ -91,13 +82,8 @@ impl Daemon {
             .map_err(|e| format!("agentlabd restarted and cannot reopen {}: {e}", log_path.display()))?;
         let log = Arc::new(log);
         let (cancelled, phase) = self.register_live(&job.id, log.clone());
-        let (cores, memory_mb) = self.backend.granted(profile.resources.cores, profile.resources.memory_mb);
-        let admitted = self.admission.take_now(Need {
-            cores,
-            memory_mb: u64::from(memory_mb),
-            profile: profile.name.clone(),
-            profile_max: 0,
-        });
+        // Taken back whatever the limits say now: the sandbox already exists.
+        let admitted = self.admission.take_now(runner::need_of(self, &profile));
         let queued = QueuedJob {
             job_id: job.id.clone(),
             profile,

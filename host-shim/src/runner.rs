@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab_protocol::{
-    ArtifactRequest, Enforcement, Hello, HelloAck, HostConnection, HostMessage, JobOutcome, JobResult, JobSpec,
-    OutputChunk, OutputStream, SecretBundle,
+    ArtifactRequest, Enforcement, GUEST_SECRETS_DIR, Hello, HelloAck, HostConnection, HostMessage, JobOutcome,
+    JobResult, JobSpec, OutputChunk, OutputStream, SecretBundle,
 };
 use agentlab_redact::{RedactStream, Redactor};
 use tokio::sync::watch;
@@ -22,9 +22,6 @@ use crate::leases::KeptSandbox;
 use crate::profile::Profile;
 use crate::state::{JobState, SandboxState};
 use crate::store::{JobEnd, Store};
-
-/// Where the guest keeps file secrets (readable by the job only if the profile says so).
-const GUEST_SECRETS_DIR: &str = "/run/agentlab/secrets";
 
 /// The job's inner sandbox, from its profile.
 fn sandbox_spec(profile: &Profile) -> agentlab_protocol::SandboxSpec {
@@ -226,16 +223,22 @@ async fn teardown(
         let mut session = held.session;
         session.shutdown().await;
     }
-    match vm.destroy().await {
-        Ok(()) => set_sandbox(store, sb, SandboxState::Destroyed, None),
-        Err(e) => {
-            daemon.metrics.backend_error("destroy");
-            let msg = format!("tearing sandbox {sb} down failed: {e}");
-            tracing::error!("{msg}");
-            let _ = store.record_event(Some(&job.job_id), Some(sb), "sandbox.destroy_failed", &msg);
-        }
+    if destroy_vm(daemon, &job.job_id, sb, vm).await.is_ok() {
+        set_sandbox(store, sb, SandboxState::Destroyed, None);
     }
     finish
+}
+
+/// Destroys a sandbox's VM. A failure is counted, logged and recorded as a
+/// `sandbox.destroy_failed` event, and its message returned.
+pub(crate) async fn destroy_vm(daemon: &Daemon, job_id: &str, sb: &str, vm: Box<dyn Sandbox>) -> Result<(), String> {
+    vm.destroy().await.map_err(|e| {
+        daemon.metrics.backend_error("destroy");
+        let msg = format!("tearing sandbox {sb} down failed: {e}");
+        tracing::error!("{msg}");
+        let _ = daemon.store.record_event(Some(job_id), Some(sb), "sandbox.destroy_failed", &msg);
+        msg
+    })
 }
 
 /// Carries on with a job whose sandbox an earlier, killed agentlabd left running: waits
@@ -306,7 +309,7 @@ fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held,
     });
     let lease = daemon.store.sandbox(&job.sandbox_id).ok().and_then(|s| s.lease_expires_at_ms).map_or_else(
         || "it has no lease end".to_owned(),
-        |ms| format!("its lease ends {}", crate::cli::render_time(ms)),
+        |ms| format!("its lease ends {}", crate::store::rfc3339_ms(ms)),
     );
     let msg = format!("kept after its job ({lease}); `agentlab sandbox destroy {}` ends it now", job.sandbox_id);
     let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "sandbox.kept", &msg);
@@ -317,14 +320,7 @@ fn keep(daemon: &Arc<Daemon>, job: &QueuedJob, vm: Box<dyn Sandbox>, held: Held,
 /// Waits until the host's budget and the profile's limit leave room for the sandbox
 /// (recording why, if it has to wait), or until the job is cancelled.
 async fn admit(daemon: &Daemon, job: &QueuedJob) -> Result<Admitted, String> {
-    let resources = &job.profile.resources;
-    let (cores, memory_mb) = daemon.backend.granted(resources.cores, resources.memory_mb);
-    let need = Need {
-        cores,
-        memory_mb: u64::from(memory_mb),
-        profile: job.profile.name.clone(),
-        profile_max: job.profile.max_sandboxes,
-    };
+    let need = need_of(daemon, &job.profile);
     let on_wait = |why: String| {
         let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "job.queued", &why);
     };
@@ -334,6 +330,12 @@ async fn admit(daemon: &Daemon, job: &QueuedJob) -> Result<Admitted, String> {
         Ok(reason) = cancelled.wait_for(Option::is_some) => Err(format!("{} before it started", reason.clone().unwrap_or_default())),
         admitted = daemon.admission.acquire(&job.job_id, need, on_wait) => admitted.map_err(|e| e.to_string()),
     }
+}
+
+/// What a sandbox of `profile` takes from the budget: what the backend grants it.
+pub(crate) fn need_of(daemon: &Daemon, profile: &Profile) -> Need {
+    let (cores, memory_mb) = daemon.backend.granted(profile.resources.cores, profile.resources.memory_mb);
+    Need { cores, memory_mb: u64::from(memory_mb), profile: profile.name.clone(), profile_max: profile.max_sandboxes }
 }
 
 /// The profile's secrets bundle, decrypted into memory. A profile whose bundle does not

@@ -2,7 +2,8 @@
 //! and then the data, so the data is never copied into a frame buffer. Under TCG a
 //! copy of every output byte costs as much as the socket write itself.
 
-use crate::{GuestMessage, MAX_FRAME_LEN, OutputChunk, OutputStream, ProtocolError, frame::HEADER_LEN};
+use crate::frame::{HEADER_LEN, frame_header};
+use crate::{GuestMessage, OutputChunk, OutputStream, ProtocolError};
 
 /// A guest message whose last field is a byte string (the data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +18,7 @@ impl DataMessage {
     /// The frame header and every message byte before the data, for data of
     /// `data_len` bytes: `head ++ data` is exactly
     /// [`encode_message`](crate::encode_message) of the whole message.
-    pub fn frame_head(self, data_len: usize) -> Result<Vec<u8>, ProtocolError> {
+    pub(crate) fn frame_head(self, data_len: usize) -> Result<Vec<u8>, ProtocolError> {
         let empty = match self {
             DataMessage::Output { seq, stream } => GuestMessage::Output(OutputChunk { seq, stream, data: Vec::new() }),
             DataMessage::ArtifactChunk { seq } => GuestMessage::ArtifactChunk { seq, data: Vec::new() },
@@ -30,32 +31,12 @@ impl DataMessage {
             // Unreachable while the data stays the last field (the tests pin it).
             return Err(ProtocolError::Encode(postcard::Error::SerdeSerCustom));
         }
-        let mut varint = [0u8; 10];
-        payload.extend_from_slice(encode_varint(data_len as u64, &mut varint));
-        let len = payload.len() + data_len;
-        if len > MAX_FRAME_LEN {
-            return Err(ProtocolError::OutgoingTooLarge { len, max: MAX_FRAME_LEN });
-        }
+        let payload = postcard::to_extend(&data_len, payload).map_err(ProtocolError::Encode)?;
+        let header = frame_header(payload.len() + data_len)?;
         let mut head = Vec::with_capacity(HEADER_LEN + payload.len());
-        // The length fits: it was just checked against MAX_FRAME_LEN, far below u32::MAX.
-        head.extend_from_slice(&(len as u32).to_be_bytes());
+        head.extend_from_slice(&header);
         head.extend_from_slice(&payload);
         Ok(head)
-    }
-}
-
-/// Postcard's unsigned varint (LEB128).
-fn encode_varint(mut value: u64, out: &mut [u8; 10]) -> &[u8] {
-    let mut i = 0;
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out[i] = byte;
-            return &out[..=i];
-        }
-        out[i] = byte | 0x80;
-        i += 1;
     }
 }
 
@@ -66,7 +47,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::encode_message;
+    use crate::{MAX_FRAME_LEN, encode_message};
 
     fn joined(message: DataMessage, data: &[u8]) -> Vec<u8> {
         let mut frame = message.frame_head(data.len()).unwrap();

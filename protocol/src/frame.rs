@@ -18,14 +18,21 @@ pub(crate) const HEADER_LEN: usize = 4;
 /// exactly the frame's size: no growing buffer leaves a stale copy of the payload.
 pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
     let len = postcard::experimental::serialized_size(msg).map_err(ProtocolError::Encode)?;
+    let header = frame_header(len)?;
+    let mut out = vec![0u8; HEADER_LEN + len];
+    out[..HEADER_LEN].copy_from_slice(&header);
+    postcard::to_slice(msg, &mut out[HEADER_LEN..]).map_err(ProtocolError::Encode)?;
+    Ok(out)
+}
+
+/// The header of a frame whose payload is `len` bytes; a payload over
+/// [`MAX_FRAME_LEN`] is refused.
+pub(crate) fn frame_header(len: usize) -> Result<[u8; HEADER_LEN], ProtocolError> {
     if len > MAX_FRAME_LEN {
         return Err(ProtocolError::OutgoingTooLarge { len, max: MAX_FRAME_LEN });
     }
-    let mut out = vec![0u8; HEADER_LEN + len];
     // The length fits: it was just checked against MAX_FRAME_LEN, far below u32::MAX.
-    out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    postcard::to_slice(msg, &mut out[HEADER_LEN..]).map_err(ProtocolError::Encode)?;
-    Ok(out)
+    Ok((len as u32).to_be_bytes())
 }
 
 /// Decodes one frame payload. Trailing bytes are an error: a message is exactly its frame.
@@ -83,11 +90,19 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
 impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     type Error = ProtocolError;
 
+    /// Serialises straight into the write buffer. Nothing secret comes this way:
+    /// secrets go through [`Connection::send_secret`], which bypasses the codec.
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        let mut frame = encode_message(&item)?;
-        dst.reserve(frame.len());
-        dst.put_slice(&frame);
-        frame.zeroize();
+        let len = postcard::experimental::serialized_size(&item).map_err(ProtocolError::Encode)?;
+        let header = frame_header(len)?;
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + len);
+        dst.put_slice(&header);
+        dst.resize(start + HEADER_LEN + len, 0);
+        if let Err(e) = postcard::to_slice(&item, &mut dst[start + HEADER_LEN..]) {
+            dst.truncate(start);
+            return Err(ProtocolError::Encode(e));
+        }
         Ok(())
     }
 }
@@ -132,15 +147,19 @@ where
         Ok(())
     }
 
-    /// Writes a [`crate::DataMessage`] frame as its head and its data, in one vectored
-    /// write where the stream supports it: the data is not copied into a frame. Not
-    /// wiped: use it for nothing secret.
-    pub async fn send_data_frame(&mut self, head: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+    /// Sends a [`crate::DataMessage`] with its data as a small head and the data itself,
+    /// in one vectored write where the stream supports it: the data is not copied into
+    /// a frame. Not wiped: use it for nothing secret.
+    pub async fn send_data_frame(&mut self, msg: crate::DataMessage, data: &[u8]) -> Result<(), ProtocolError> {
         use bytes::Buf;
         use tokio::io::AsyncWriteExt;
+        let head = msg.frame_head(data.len())?;
         SinkExt::<Out>::flush(&mut self.framed).await?;
         let stream = self.framed.get_mut();
-        stream.write_all_buf(&mut head.chain(data)).await.map_err(|e| ProtocolError::io("sending a frame", e))?;
+        stream
+            .write_all_buf(&mut head.as_slice().chain(data))
+            .await
+            .map_err(|e| ProtocolError::io("sending a frame", e))?;
         Ok(())
     }
 

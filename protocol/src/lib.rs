@@ -28,6 +28,10 @@ pub use secret::{GIT_TOKEN_ENV, MAX_BUNDLE_BYTES, MAX_SECRET_ENTRIES, MAX_SECRET
 /// The vsock port on the host (CID 2) that every agent dials.
 pub const AGENT_VSOCK_PORT: u32 = 52_000;
 
+/// Where the agent mounts the job's secrets tmpfs in the guest. The host names it in
+/// the job's sandbox policy when the profile lets the job read its secret files.
+pub const GUEST_SECRETS_DIR: &str = "/run/agentlab/secrets";
+
 /// The vsock CID of the host, as seen from a guest.
 pub const HOST_CID: u32 = 2;
 

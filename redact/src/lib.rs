@@ -24,7 +24,7 @@ use zeroize::Zeroize;
 
 pub use patterns::{MIN_SECRET_LEN, variants};
 pub use read::RedactReader;
-pub use stream::{ByteCount, Output, RedactStream};
+pub use stream::{Output, RedactStream};
 
 use engine::Engine;
 use stream::InnerRef;

@@ -2,7 +2,8 @@
 
 use std::io::{self, Read};
 
-use crate::{ByteCount, RedactStream, Redactor};
+use crate::stream::ByteCount;
+use crate::{RedactStream, Redactor};
 
 /// Bytes read from the inner reader at a time.
 const READ_BYTES: usize = 256 * 1024;

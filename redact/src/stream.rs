@@ -36,7 +36,7 @@ impl Output for Vec<u8> {
 
 /// Counts what would have been written.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ByteCount(pub u64);
+pub(crate) struct ByteCount(pub u64);
 
 impl Output for ByteCount {
     fn put(&mut self, bytes: &[u8]) {

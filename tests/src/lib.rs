@@ -167,6 +167,19 @@ impl Daemon {
         status
     }
 
+    /// Waits (at most 120 s) until job `job_id` has ended; returns its record.
+    pub fn wait_for_job_end(&self, job_id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let job = self.job_json(job_id);
+            if ["COMPLETED", "FAILED", "TIMEOUT"].contains(&job["state"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job did not end: {job}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until every sandbox is DESTROYED and no sandbox directory is left: a job's
     /// result is stored before its sandbox is torn down, so the teardown may still run.
     pub fn wait_for_teardowns(&self) {
@@ -314,6 +327,35 @@ impl agentlab_host::channel::SessionObserver for SessionRecord {
         }
         Ok(true)
     }
+}
+
+/// A job that runs `cmd` under `/bin/sh -c` in `workdir`: no extra environment, no
+/// upload, a 30 s limit and 300 ms kill grace. Callers change other fields with
+/// struct-update syntax.
+pub fn sh_job(
+    job_id: &str,
+    workdir: &Path,
+    cmd: &str,
+    sandbox: agentlab_protocol::SandboxSpec,
+) -> agentlab_protocol::JobSpec {
+    agentlab_protocol::JobSpec {
+        job_id: job_id.to_owned(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), cmd.into()],
+        env: Vec::new(),
+        workdir: workdir.display().to_string(),
+        timeout_ms: 30_000,
+        kill_grace_ms: 300,
+        workdir_upload_bytes: None,
+        sandbox,
+    }
+}
+
+/// The agent must run as root to switch users and mount the secrets tmpfs; tests that
+/// need it fail loudly rather than pass without running.
+pub fn require_root() {
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata("/proc/self").unwrap().uid(), 0, "run the tests as root (make test does)");
 }
 
 /// What [`run_agent_job`] returns: the session's result, what it saw, how the agent exited.

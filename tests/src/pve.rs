@@ -2,10 +2,16 @@
 
 use std::path::Path;
 
-use agentlab_host::backend::proxmox::config::{ArgsVia, ChannelMode, ProxmoxConfig};
+use agentlab_host::backend::proxmox::config::{ArgsVia, ChannelMode, ConfigFile, ProxmoxConfig};
 use agentlab_host::backend::proxmox::placement::NodeConfig;
 use agentlab_host::backend::proxmox::tls::TlsConfig;
 use agentlab_pve_standin::{Options, StandIn};
+use serde_json::Value;
+
+/// Trust exactly the stand-in's certificate, by its fingerprint.
+pub fn pinned_tls(standin: &StandIn) -> TlsConfig {
+    TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() }
+}
 
 /// A backend configuration for `standin`, pinned to its certificate, setting `args`
 /// with a root@pam ticket, hybrid channel under `dir`. Secrets go to files in `dir`.
@@ -20,7 +26,7 @@ pub fn config_for(standin: &StandIn, options: &Options, dir: &Path) -> ProxmoxCo
         api_url: standin.url(),
         token_id: options.token_id.clone(),
         token_secret_file: Some(token_file),
-        tls: TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
+        tls: pinned_tls(standin),
         connect_timeout_secs: 5,
         request_timeout_secs: 30,
         nodes: options
@@ -51,32 +57,40 @@ pub fn config_for(standin: &StandIn, options: &Options, dir: &Path) -> ProxmoxCo
     }
 }
 
-/// The same configuration as agentlabd's config.yaml.
-pub fn config_yaml(c: &ProxmoxConfig) -> String {
-    let q = |v: &dyn std::fmt::Debug| format!("{v:?}");
-    let path = |p: &Option<std::path::PathBuf>| q(&p.as_ref().unwrap().display().to_string());
+/// The same configuration as agentlabd's config.yaml: every field of `c`, so the
+/// daemon runs with exactly the configuration the library tests use.
+fn config_yaml(c: &ProxmoxConfig) -> String {
+    let Value::Object(fields) = serde_json::to_value(c).unwrap() else { unreachable!("a struct serializes to a map") };
     let mut y = String::from("proxmox:\n");
-    y += &format!("  api_url: {}\n  token_id: {}\n", q(&c.api_url), q(&c.token_id));
-    y += &format!("  token_secret_file: {}\n", path(&c.token_secret_file));
-    y += &format!("  tls:\n    fingerprint: {}\n", q(c.tls.fingerprint.as_ref().unwrap()));
-    y += "  nodes:\n";
-    for n in &c.nodes {
-        y += &format!("    - name: {}\n      templates: {{", q(&n.name));
-        y += &n.templates.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
-        y += "}\n";
+    for (key, value) in &fields {
+        y += &format!("  {key}: {}\n", flow_yaml(value));
     }
-    y += &format!("  vmid_range: [{}, {}]\n", c.vmid_range[0], c.vmid_range[1]);
-    y += &format!("  args_via: ticket\n  root_password_file: {}\n", path(&c.root_password_file));
-    y += &format!("  channel: hybrid\n  hybrid_dir: {}\n", path(&c.hybrid_dir));
-    for (k, v) in [
-        ("task_timeout_secs", c.task_timeout_secs),
-        ("shutdown_timeout_secs", c.shutdown_timeout_secs),
-        ("reconcile_interval_secs", c.reconcile_interval_secs),
-        ("orphan_grace_secs", c.orphan_grace_secs),
-        ("status_poll_secs", c.status_poll_secs),
-    ] {
-        y += &format!("  {k}: {v}\n");
-    }
-    y += &format!("  retry_attempts: {}\n", c.retry_attempts);
     y
+}
+
+/// `value` in YAML's flow style. JSON is YAML, except that a quoted key is a string:
+/// keys are written plain, so `templates: {9000: 9100}` keeps its numeric keys.
+fn flow_yaml(value: &Value) -> String {
+    match value {
+        Value::Object(map) => {
+            let entries: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    assert!(k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "key {k:?} needs quoting");
+                    format!("{k}: {}", flow_yaml(v))
+                })
+                .collect();
+            format!("{{{}}}", entries.join(", "))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(flow_yaml).collect::<Vec<_>>().join(", ")),
+        scalar => scalar.to_string(),
+    }
+}
+
+/// Writes `c` as agentlabd's config file at `path`, and checks that loading it gives
+/// `c` back.
+pub fn write_config_yaml(c: &ProxmoxConfig, path: &Path) {
+    std::fs::write(path, config_yaml(c)).unwrap();
+    let loaded = ConfigFile::load(path).unwrap().proxmox;
+    assert_eq!(loaded.as_ref(), Some(c), "{} does not load as the configuration written", path.display());
 }

@@ -10,7 +10,7 @@ use agentlab_host::state::{JobState, SandboxState};
 use agentlab_host::store::Store;
 use agentlab_pve_standin::{GuestMode, NodeSpec, Options, StandIn};
 
-use crate::pve::{config_for, config_yaml};
+use crate::pve::{config_for, write_config_yaml};
 
 const SEQUENTIAL: usize = 20;
 const CONCURRENT: usize = 50;
@@ -97,7 +97,7 @@ pub async fn proxmox_figures(bin_dir: &Path, profiles_dir: &Path) {
     config.reconcile_interval_secs = 3600;
     config.status_poll_secs = 5;
     let config_path = scratch.path().join("config.yaml");
-    std::fs::write(&config_path, config_yaml(&config)).unwrap();
+    write_config_yaml(&config, &config_path);
     let state = scratch.path().join("state");
     let socket = state.join("agentlabd.sock");
     let child = Command::new(bin_dir.join("agentlabd"))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentlab_host::channel::SessionError;
 use agentlab_protocol::{CHUNK_WINDOW, JobOutcome, JobResult, JobSpec, LandlockMode, MAX_CHUNK_LEN, SandboxSpec};
-use agentlab_tests::{SessionRecord, bin, current_user, run_agent_job};
+use agentlab_tests::{SessionRecord, bin, current_user, run_agent_job, sh_job};
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -28,23 +28,17 @@ impl Harness {
     }
 
     fn spec(&self, cmd: &str) -> JobSpec {
+        // These tests are about the channel: the job runs as whoever runs the tests,
+        // without Landlock (inner_sandbox.rs covers the sandbox).
+        let sandbox = SandboxSpec {
+            landlock: LandlockMode::Off,
+            user: current_user(),
+            network_off: false,
+            ..SandboxSpec::default()
+        };
         JobSpec {
-            job_id: "job-test".into(),
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), cmd.into()],
             env: vec![("GREETING".into(), "hello from env".into())],
-            workdir: self.workdir().display().to_string(),
-            timeout_ms: 30_000,
-            kill_grace_ms: 300,
-            workdir_upload_bytes: None,
-            // These tests are about the channel: the job runs as whoever runs the tests,
-            // without Landlock (inner_sandbox.rs covers the sandbox).
-            sandbox: SandboxSpec {
-                landlock: LandlockMode::Off,
-                user: current_user(),
-                network_off: false,
-                ..SandboxSpec::default()
-            },
+            ..sh_job("job-test", &self.workdir(), cmd, sandbox)
         }
     }
 

@@ -10,22 +10,13 @@ use agentlab_redact::Redactor;
 use sha2::{Digest, Sha256};
 
 fn spec(dir: &std::path::Path, cmd: &str) -> JobSpec {
-    JobSpec {
-        job_id: "job-artifacts".into(),
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), cmd.into()],
-        env: Vec::new(),
-        workdir: dir.join("work").display().to_string(),
-        timeout_ms: 30_000,
-        kill_grace_ms: 300,
-        workdir_upload_bytes: None,
-        sandbox: SandboxSpec {
-            landlock: LandlockMode::Off,
-            user: agentlab_tests::current_user(),
-            network_off: false,
-            ..SandboxSpec::default()
-        },
-    }
+    let sandbox = SandboxSpec {
+        landlock: LandlockMode::Off,
+        user: agentlab_tests::current_user(),
+        network_off: false,
+        ..SandboxSpec::default()
+    };
+    agentlab_tests::sh_job("job-artifacts", &dir.join("work"), cmd, sandbox)
 }
 
 #[tokio::test]

@@ -41,15 +41,7 @@ fn crash_at(point: &str, submit: &[&str]) -> (Daemon, Value) {
         assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
         jobs[0]["id"].as_str().unwrap().to_owned()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let job = loop {
-        let job = d.job_json(&job_id);
-        if ["COMPLETED", "FAILED", "TIMEOUT"].contains(&job["state"].as_str().unwrap()) {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "job did not end after the restart: {job}\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let job = d.wait_for_job_end(&job_id);
     (d, job)
 }
 

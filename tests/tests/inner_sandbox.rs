@@ -3,7 +3,7 @@
 //! has Landlock ABI 7, so every layer is in force: Landlock file system, network and
 //! scope rules, the seccomp filter, `no_new_privs`, rlimits and the user switch.
 //! `agentlab-agent selftest --json`, run as the job, reports what was refused and how.
-//! The agent must run as root to switch users: as anyone else these tests are skipped.
+//! The agent must run as root to switch users: as anyone else these tests fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -11,18 +11,10 @@ use std::path::{Path, PathBuf};
 
 use agentlab_host::channel::SessionError;
 use agentlab_protocol::{Enforcement, JobOutcome, JobResult, JobSpec, LandlockMode, Rlimits, SandboxSpec};
-use agentlab_tests::{SessionRecord, bin, run_agent_job};
+use agentlab_tests::{SessionRecord, bin, require_root, run_agent_job, sh_job};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
-
-fn running_as_root() -> bool {
-    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    if !root {
-        eprintln!("skipped: the agent must run as root to switch to the job user");
-    }
-    root
-}
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -59,22 +51,13 @@ impl Harness {
     }
 
     fn spec(&self, cmd: &str) -> JobSpec {
-        JobSpec {
-            job_id: self.job_id.clone(),
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), cmd.into()],
-            env: Vec::new(),
-            workdir: self.workdir().display().to_string(),
-            timeout_ms: 30_000,
-            kill_grace_ms: 300,
-            workdir_upload_bytes: None,
-            sandbox: SandboxSpec {
-                landlock: LandlockMode::Required,
-                user: "nobody".into(),
-                network_off: true,
-                ..SandboxSpec::default()
-            },
-        }
+        let sandbox = SandboxSpec {
+            landlock: LandlockMode::Required,
+            user: "nobody".into(),
+            network_off: true,
+            ..SandboxSpec::default()
+        };
+        sh_job(&self.job_id, &self.workdir(), cmd, sandbox)
     }
 
     async fn run(&self, spec: JobSpec, upload: Option<&Path>) -> (Result<JobResult, SessionError>, SessionRecord) {
@@ -108,9 +91,7 @@ fn assert_check(checks: &Value, name: &str, outcome: &str, errno: Option<&str>) 
 
 #[tokio::test]
 async fn every_hostile_action_is_blocked_and_the_enforcement_is_reported() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-hostile");
     let (outside, secrets) = (h.world_writable(), h.secrets());
     // Something listens, so a refusal can only come from the sandbox.
@@ -152,9 +133,7 @@ async fn every_hostile_action_is_blocked_and_the_enforcement_is_reported() {
 /// (file system, signal scope) and seccomp alone.
 #[tokio::test]
 async fn landlock_scope_and_seccomp_hold_even_for_a_root_job() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-root");
     let (outside, secrets) = (h.world_writable(), h.secrets());
     let mut spec = h.spec("");
@@ -172,9 +151,7 @@ async fn landlock_scope_and_seccomp_hold_even_for_a_root_job() {
 
 #[tokio::test]
 async fn the_secrets_dir_is_readable_only_when_the_policy_names_it_and_network_on_lets_tcp_through() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-secrets");
     let (outside, secrets) = (h.world_writable(), h.secrets());
     let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -201,9 +178,7 @@ async fn the_secrets_dir_is_readable_only_when_the_policy_names_it_and_network_o
 
 #[tokio::test]
 async fn required_landlock_runs_and_rlimits_apply() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-rlimits");
     let mut spec = h.spec("ulimit -n; ulimit -c; ulimit -t; head -c 2000000 /dev/zero > big; echo $?; stat -c %s big");
     spec.sandbox.rlimits =
@@ -218,9 +193,7 @@ async fn required_landlock_runs_and_rlimits_apply() {
 
 #[tokio::test]
 async fn the_workdir_is_the_job_users_and_tmp_is_private() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-workdir");
     let src = h.dir.path().join("src");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -253,9 +226,7 @@ async fn the_workdir_is_the_job_users_and_tmp_is_private() {
 
 #[tokio::test]
 async fn a_job_user_missing_from_passwd_or_a_missing_program_is_a_spawn_failure() {
-    if !running_as_root() {
-        return;
-    }
+    require_root();
     let h = Harness::new("job-nouser");
     let mut spec = h.spec("true");
     spec.sandbox.user = "no-such-user".into();

@@ -11,7 +11,7 @@ use agentlab_host::backend::proxmox::config::ProxmoxConfig;
 use agentlab_host::backend::proxmox::tls::TlsConfig;
 use agentlab_host::backend::{Backend, ChannelEndpoint, ProvisionRequest};
 use agentlab_pve_standin::{FaultKind, NodeSpec, Options, StandIn};
-use agentlab_tests::pve::config_for;
+use agentlab_tests::pve::{config_for, pinned_tls, write_config_yaml};
 
 fn request(n: u32) -> ProvisionRequest {
     ProvisionRequest {
@@ -137,11 +137,37 @@ async fn every_request_the_client_sends_validates_against_the_pve8_schema_too() 
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_written_for_agentlabd_loads_as_the_same_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_standin, mut config) = setup(Options::default(), dir.path()).await;
+    let path = dir.path().join("config.yaml");
+    write_config_yaml(&config, &path);
+    // Every field away from config_for's values and the defaults, the rest of TLS too.
+    config.token_secret_file = None;
+    config.tls = TlsConfig { ca_file: Some(dir.path().join("ca \"1\".pem")), fingerprint: None, insecure: true };
+    config.connect_timeout_secs = 7;
+    config.request_timeout_secs = 11;
+    config.nodes[0].templates.insert(9001, 9101);
+    config.vmid_range = [200, 300];
+    config.args_via = agentlab_host::backend::proxmox::config::ArgsVia::Qm;
+    config.qm_command = vec!["ssh".into(), "root@pve1".into(), "qm".into()];
+    config.root_password_file = None;
+    config.channel = agentlab_host::backend::proxmox::config::ChannelMode::Vsock;
+    config.hybrid_dir = None;
+    config.task_timeout_secs = 13;
+    config.shutdown_timeout_secs = 17;
+    config.reconcile_interval_secs = 19;
+    config.orphan_grace_secs = 23;
+    config.retry_attempts = 3;
+    config.status_poll_secs = 29;
+    write_config_yaml(&config, &path);
+}
+
 /// A client pinned to the stand-in's certificate that tries each call `attempts` times.
 fn client_with_retry(standin: &StandIn, options: &Options, attempts: u32) -> PveClient {
-    let tls = TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() };
     let retry = agentlab_host::backend::proxmox::client::RetryPolicy { max_attempts: attempts, ..Default::default() };
-    connect(standin, options, tls, retry).unwrap()
+    connect(standin, options, pinned_tls(standin), retry).unwrap()
 }
 
 fn client_with(standin: &StandIn, options: &Options, tls: TlsConfig) -> Result<PveClient, String> {
@@ -170,12 +196,7 @@ fn connect(
 async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     let options = Options::default();
     let standin = StandIn::start(options.clone()).await.unwrap();
-    let pinned = client_with(
-        &standin,
-        &options,
-        TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
-    )
-    .unwrap();
+    let pinned = client_with(&standin, &options, pinned_tls(&standin)).unwrap();
     let v = pinned.call("reading the version", Method::Get, "/version", &[]).await.unwrap();
     assert_eq!(v["release"], "9.0");
 
@@ -201,6 +222,18 @@ async fn tls_is_pinned_and_insecure_is_the_only_way_around_it() {
     assert_eq!(v["release"], "9.0");
 }
 
+/// `/cluster/nextid` answers an integer or a string depending on the version: accept both.
+fn lenient_u64(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+#[test]
+fn nextid_is_read_leniently() {
+    assert_eq!(lenient_u64(&serde_json::json!(123)), Some(123));
+    assert_eq!(lenient_u64(&serde_json::json!("123")), Some(123));
+    assert_eq!(lenient_u64(&serde_json::json!("x")), None);
+}
+
 /// A PEM CA certificate that did not sign the stand-in's certificate.
 fn rcgen_free_ca(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("ca.pem");
@@ -213,12 +246,7 @@ fn rcgen_free_ca(dir: &Path) -> std::path::PathBuf {
 async fn errors_name_the_operation_the_vmid_and_proxmoxs_own_words() {
     let options = Options::default();
     let standin = StandIn::start(options.clone()).await.unwrap();
-    let client = client_with(
-        &standin,
-        &options,
-        TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() },
-    )
-    .unwrap();
+    let client = client_with(&standin, &options, pinned_tls(&standin)).unwrap();
     // A token may not set args, even though the call is otherwise fine.
     standin.plant_vm(123, "pve1", "plain", None);
     let e = client
@@ -527,9 +555,7 @@ async fn args_via_qm_runs_qm_set_and_a_failure_is_explained_and_cleaned_up() {
 async fn the_stand_in_locks_like_pve_and_nextid_reserves_nothing() {
     let options = Options { task_duration: Duration::from_millis(400), lock_wait_scale: 0.05, ..Options::default() };
     let standin = StandIn::start(options.clone()).await.unwrap();
-    let tls = TlsConfig { fingerprint: Some(standin.fingerprint.clone()), ..TlsConfig::default() };
-    let client = client_with(&standin, &options, tls).unwrap();
-    use agentlab_host::backend::proxmox::client::lenient_u64;
+    let client = client_with(&standin, &options, pinned_tls(&standin)).unwrap();
 
     // nextid hands the same id to everyone until a VM takes it.
     let a = client.call("nextid", Method::Get, "/cluster/nextid", &[]).await.unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentlab_host::state::{JobState, SandboxState};
 use agentlab_pve_standin::{FaultKind, GuestMode, NodeSpec, Options, StandIn};
-use agentlab_tests::pve::{config_for, config_yaml};
+use agentlab_tests::pve::{config_for, write_config_yaml};
 use agentlab_tests::{Daemon, describe, image_dir};
 use serde_json::Value;
 
@@ -26,7 +26,7 @@ fn daemon_for(standin: &StandIn, options: &Options, dir: &Path) -> Daemon {
 fn daemon_args(standin: &StandIn, options: &Options, dir: &Path) -> Vec<String> {
     let config = config_for(standin, options, dir);
     let path = dir.join("config.yaml");
-    std::fs::write(&path, config_yaml(&config)).unwrap();
+    write_config_yaml(&config, &path);
     vec!["--backend".into(), "proxmox".into(), "--config".into(), path.display().to_string()]
 }
 
@@ -98,7 +98,7 @@ fn an_agent_that_never_dials_in_is_explained_for_proxmox() {
     let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
     let config = config_for(&standin, &options, dir.path());
     let path = dir.path().join("config.yaml");
-    std::fs::write(&path, config_yaml(&config)).unwrap();
+    write_config_yaml(&config, &path);
     let d = Daemon::start_with(&["--backend", "proxmox", "--config", path.to_str().unwrap(), "--boot-timeout", "2s"]);
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "true"]);
     assert_eq!(out.status.code(), Some(125), "{}", describe(&out));

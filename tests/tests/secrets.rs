@@ -8,22 +8,18 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tokio::io::DuplexStream;
+
 use agentlab_host::channel::{HostSession, SessionError};
 use agentlab_protocol::{
     Capabilities, GIT_TOKEN_ENV, GuestConnection, GuestMessage, Hello, HostMessage, JobOutcome, JobResult, JobSpec,
     LandlockMode, SandboxSpec, SecretBundle, SecretBytes, SecretEntry, SecretKind,
 };
-use agentlab_tests::{SessionRecord, bin, run_agent_job_with_secrets};
+use agentlab_tests::{SessionRecord, bin, require_root, run_agent_job_with_secrets, sh_job};
 
 const API_KEY: &str = "sk-live-4c9f1e2a7b";
 const FILE_SECRET: &str = "{\"token\": \"tok-file-98765\"}";
 const GIT_TOKEN: &str = "ghp_abcdef123456";
-
-/// The agent must run as root to mount the secrets tmpfs; like the netns tests, these
-/// fail loudly rather than pass without running.
-fn require_root() {
-    assert_eq!(std::fs::metadata("/proc/self").unwrap().uid(), 0, "run the tests as root (make test does)");
-}
 
 fn bundle() -> SecretBundle {
     let entry = |kind, name: &str, value: &str| SecretEntry {
@@ -59,22 +55,16 @@ impl Harness {
 
     /// A job as `nobody` under Landlock, allowed to read the secrets dir.
     fn spec(&self, cmd: &str) -> JobSpec {
+        let sandbox = SandboxSpec {
+            landlock: LandlockMode::Required,
+            user: "nobody".into(),
+            secrets_dir: Some(self.secrets_dir().display().to_string()),
+            network_off: true,
+            ..SandboxSpec::default()
+        };
         JobSpec {
-            job_id: "job-secrets".into(),
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), cmd.into()],
             env: vec![("S".into(), self.secrets_dir().display().to_string())],
-            workdir: self.dir.path().join("work").display().to_string(),
-            timeout_ms: 30_000,
-            kill_grace_ms: 300,
-            workdir_upload_bytes: None,
-            sandbox: SandboxSpec {
-                landlock: LandlockMode::Required,
-                user: "nobody".into(),
-                secrets_dir: Some(self.secrets_dir().display().to_string()),
-                network_off: true,
-                ..SandboxSpec::default()
-            },
+            ..sh_job("job-secrets", &self.dir.path().join("work"), cmd, sandbox)
         }
     }
 
@@ -185,19 +175,29 @@ fn fake_hello(capabilities: Capabilities, agent_version: &str) -> Hello {
     }
 }
 
-/// A fake agent asks twice: the second request is refused, recorded, and the session
-/// goes on to the job's result.
-#[tokio::test]
-async fn secrets_are_delivered_once_and_a_second_request_is_refused() {
+/// What the host side of [`fake_session`] ends with.
+type HostRun = tokio::task::JoinHandle<(Result<JobResult, SessionError>, SessionRecord)>;
+
+/// A host session on `sandbox_id` for a `true` job with [`bundle`], and the fake guest at
+/// its other end, past the handshake with `hello`.
+async fn fake_session(sandbox_id: &'static str, hello: Hello) -> (HostRun, GuestConnection<DuplexStream>) {
     let (host_io, guest_io) = tokio::io::duplex(1 << 20);
     let host = tokio::spawn(async move {
         let mut seen = SessionRecord::default();
         let spec = Harness::new().spec("true");
-        let result = HostSession::new(host_io).run("sb-once", spec, bundle(), None, &mut seen).await;
+        let result = HostSession::new(host_io).run(sandbox_id, spec, bundle(), None, &mut seen).await;
         (result, seen)
     });
     let mut guest = GuestConnection::new(guest_io);
-    agentlab_protocol::guest_handshake(&mut guest, fake_hello(Capabilities::ALL, "fake")).await.unwrap();
+    agentlab_protocol::guest_handshake(&mut guest, hello).await.unwrap();
+    (host, guest)
+}
+
+/// A fake agent asks twice: the second request is refused, recorded, and the session
+/// goes on to the job's result.
+#[tokio::test]
+async fn secrets_are_delivered_once_and_a_second_request_is_refused() {
+    let (host, mut guest) = fake_session("sb-once", fake_hello(Capabilities::ALL, "fake")).await;
     assert!(matches!(guest.recv().await.unwrap(), Some(HostMessage::Job(_))));
     guest.send(GuestMessage::RequestSecrets).await.unwrap();
     let Some(HostMessage::Secrets(got)) = guest.recv().await.unwrap() else { panic!("no secrets") };
@@ -218,7 +218,7 @@ async fn secrets_are_delivered_once_and_a_second_request_is_refused() {
     guest.send(GuestMessage::JobFinished(finished.clone())).await.unwrap();
     let (result, seen) = host.await.unwrap();
     assert_eq!(result.unwrap(), finished);
-    assert_eq!(seen.secrets_delivered.len(), 1);
+    assert_eq!(seen.secrets_delivered, [vec!["env API_KEY", "file settings.json", "git-token GIT_TOKEN"]]);
     assert_eq!(seen.secrets_refused, [refusal, refusal]);
 }
 
@@ -226,16 +226,9 @@ async fn secrets_are_delivered_once_and_a_second_request_is_refused() {
 /// job that has secrets: the session ends with the fix instead of running it without them.
 #[tokio::test]
 async fn an_agent_without_the_secrets_capability_cannot_run_a_job_that_has_secrets() {
-    let (host_io, guest_io) = tokio::io::duplex(1 << 20);
-    let host = tokio::spawn(async move {
-        let mut seen = SessionRecord::default();
-        let spec = Harness::new().spec("true");
-        HostSession::new(host_io).run("sb-old", spec, bundle(), None, &mut seen).await
-    });
-    let mut guest = GuestConnection::new(guest_io);
     let before_secrets = Capabilities(Capabilities::WORKDIR_UPLOAD.0 | Capabilities::OUTPUT_ACK.0);
-    agentlab_protocol::guest_handshake(&mut guest, fake_hello(before_secrets, "0.0.9")).await.unwrap();
-    let err = host.await.unwrap().unwrap_err();
+    let (host, _guest) = fake_session("sb-old", fake_hello(before_secrets, "0.0.9")).await;
+    let err = host.await.unwrap().0.unwrap_err();
     assert!(matches!(err, SessionError::SecretsUnsupported { .. }));
     assert_eq!(
         err.to_string(),
@@ -314,7 +307,10 @@ fn the_secrets_cli_takes_values_from_stdin_and_never_prints_them() {
     );
     let out = d.cli_with_stdin(&["secrets", "set", "--bundle", "ci", "--env", "LD_PRELOAD"], b"/tmp/x.so");
     assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("LD_* and AGENTLAB_* are reserved"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "agentlab: secret name \"LD_PRELOAD\" is not a valid env name: PATH, HOME, LANG, USER, LOGNAME, TMPDIR, SHELL, IFS, BASH_ENV, ENV, LD_* and AGENTLAB_* are reserved\n"
+    );
 
     let shown: serde_json::Value = serde_json::from_slice(&d.cli(&["--json", "secrets", "show", "ci"]).stdout).unwrap();
     assert_eq!(

@@ -28,15 +28,6 @@ fn template_dir() -> PathBuf {
     dir
 }
 
-/// Kills and reaps a background process when the test ends, however it ends.
-struct KillOnDrop(tokio::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the_lan() {
     let template = template_dir();
@@ -66,7 +57,8 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
         .output()
         .unwrap();
     assert!(setup.status.success(), "{}", describe(&setup));
-    let dnsmasq = tokio::process::Command::new("ip")
+    // Bound for the test's length: kill_on_drop ends it however the test ends.
+    let _dnsmasq = tokio::process::Command::new("ip")
         .args(["netns", "exec", &router.name, "dnsmasq", "--keep-in-foreground"])
         .arg(format!("--conf-file={}", dir.path().join("etc/agentlab/dnsmasq.conf").display()))
         .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
@@ -74,13 +66,12 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let _dnsmasq = KillOnDrop(dnsmasq);
 
     // The VM, as agentlabd's qemu backend boots a template, plus a NIC on the tap.
     let console = dir.path().join("console.log");
     let vsock = VsockDevice::start(dir.path()).await;
     let listener = hybrid::listen(&vsock.uds, AGENT_VSOCK_PORT).unwrap();
-    let qemu = tokio::process::Command::new("ip")
+    let _qemu = tokio::process::Command::new("ip")
         .args(["netns", "exec", &router.name, "qemu-system-x86_64"])
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024M", "-smp", "2"])
         .args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on", "-numa", "node,memdev=mem"])
@@ -103,7 +94,6 @@ async fn a_template_vm_gets_a_lease_reaches_the_internet_through_nat_and_not_the
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let _qemu = KillOnDrop(qemu);
     let stream = accept_dial_in(&listener, &console, Duration::from_secs(240)).await;
 
     // The job waits for its lease, then tries the internet and a private address.

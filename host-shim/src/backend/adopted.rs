@@ -11,13 +11,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::process::tail;
+use super::process::{POWEROFF_GRACE, QEMU_LOG, VHOST_LOG, VSOCK_SOCKET, vm_diagnostics};
 use super::{BackendError, ChannelEndpoint, Sandbox, VmExit};
 
 /// The record of a running VM's processes, written once it boots.
 pub const RECORD: &str = "vm.json";
 const POLL: Duration = Duration::from_millis(200);
-const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessId {
@@ -102,7 +101,7 @@ impl AdoptedVm {
 #[async_trait]
 impl Sandbox for AdoptedVm {
     fn channel(&self) -> ChannelEndpoint {
-        ChannelEndpoint::Hybrid { uds: self.dir.join("vsock.sock") }
+        ChannelEndpoint::Hybrid { uds: self.dir.join(VSOCK_SOCKET) }
     }
 
     async fn boot(&mut self) -> Result<(), BackendError> {
@@ -131,18 +130,7 @@ impl Sandbox for AdoptedVm {
     }
 
     fn diagnostics(&self) -> String {
-        let mut parts = Vec::new();
-        for (name, path, lines) in [
-            ("qemu", self.dir.join("qemu.log"), 5),
-            ("vhost-device-vsock", self.dir.join("vhost-device-vsock.log"), 5),
-            ("guest console", self.record.console_log.clone(), 15),
-        ] {
-            let text = tail(&path, lines);
-            if !text.is_empty() {
-                parts.push(format!("--- {name} ---\n{text}"));
-            }
-        }
-        parts.join("\n")
+        vm_diagnostics(&self.dir.join(QEMU_LOG), &self.dir.join(VHOST_LOG), &self.record.console_log)
     }
 
     async fn destroy(self: Box<Self>) -> Result<(), BackendError> {

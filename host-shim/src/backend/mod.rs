@@ -7,6 +7,7 @@ mod process;
 pub mod proxmox;
 pub mod qemu;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -74,6 +75,10 @@ pub trait Backend: Send + Sync {
 
     /// Gets rid of whatever is left of a sandbox no job needs any more.
     fn discard(&self, _sandbox_id: &str) {}
+
+    /// At start-up: discards what an earlier daemon left on this host that no record
+    /// speaks for (a crash between creating a VM and recording it), except `keep`.
+    fn discard_unrecorded(&self, _keep: &HashSet<String>) {}
 
     /// The vCPUs and memory (MiB) a sandbox asking for `cores` and `memory_mb` gets,
     /// which is what admission control counts against the host's budget.

@@ -18,6 +18,29 @@ pub fn find_program(program: &Path) -> Result<PathBuf, String> {
     Err(format!("PATH={}", path.to_string_lossy()))
 }
 
+/// A local VM's files in its run directory, for the launcher and for a daemon that
+/// takes the VM over after a restart.
+pub const QEMU_LOG: &str = "qemu.log";
+pub const VHOST_LOG: &str = "vhost-device-vsock.log";
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// How long a local VM gets to power off once told its result is stored.
+pub const POWEROFF_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The tails of a local VM's logs, for an error message.
+pub fn vm_diagnostics(qemu_log: &Path, vhost_log: &Path, console_log: &Path) -> String {
+    let mut parts = Vec::new();
+    for (name, path, lines) in
+        [("qemu", qemu_log, 5), ("vhost-device-vsock", vhost_log, 5), ("guest console", console_log, 15)]
+    {
+        let text = tail(path, lines);
+        if !text.is_empty() {
+            parts.push(format!("--- {name} ---\n{text}"));
+        }
+    }
+    parts.join("\n")
+}
+
 /// The last `lines` lines of a file (at most 64 KiB read), for diagnostics.
 pub fn tail(path: &Path, lines: usize) -> String {
     let Ok(mut file) = std::fs::File::open(path) else {

@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::adopted::{AdoptedVm, ProcessId, VmRecord};
 use super::disk_image::{self, ImageKind};
-use super::process::{find_program, tail};
+use super::process::{POWEROFF_GRACE, QEMU_LOG, VHOST_LOG, VSOCK_SOCKET, find_program, tail, vm_diagnostics};
 use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, VmExit};
 use crate::doctor::Check;
 
@@ -24,7 +24,6 @@ const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t p
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 const DEVICE_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a VM gets to power itself off after its session before it is killed.
-const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 /// The CID the guest gets on its private vhost-device-vsock (one device per VM).
 const GUEST_CID: u32 = 3;
 
@@ -147,7 +146,7 @@ async fn probe_kvm(qemu: &Path, config: &QemuConfig) -> bool {
         return false;
     };
     let console = dir.join("console.log");
-    let qemu_log = dir.join("qemu.log");
+    let qemu_log = dir.join(QEMU_LOG);
     let mut cmd = Command::new(qemu);
     cmd.args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1"])
         .args(common_args(config, &console, true))
@@ -235,6 +234,16 @@ impl Backend for QemuBackend {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    fn discard_unrecorded(&self, keep: &std::collections::HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.config.run_dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                self.discard(&name);
+            }
+        }
+    }
+
     fn granted(&self, cores: u32, memory_mb: u32) -> (u32, u32) {
         (cores.clamp(1, self.config.max_cpus.max(1)), memory_mb.clamp(128, self.config.max_memory_mb.max(128)))
     }
@@ -308,8 +317,8 @@ impl Backend for QemuBackend {
         std::fs::create_dir_all(&dir)
             .map_err(|source| BackendError::Io { context: format!("creating {}", dir.display()), source })?;
         let vhost_socket = dir.join("vhost.sock");
-        let uds = dir.join("vsock.sock");
-        let vhost_log = dir.join("vhost-device-vsock.log");
+        let uds = dir.join(VSOCK_SOCKET);
+        let vhost_log = dir.join(VHOST_LOG);
         let (cpus, memory_mb) = self.granted(req.cores, req.memory_mb);
         let mut sandbox = QemuSandbox {
             cpus,
@@ -327,7 +336,7 @@ impl Backend for QemuBackend {
             qemu: None,
             exit: None,
         };
-        sandbox.qemu_log = sandbox.dir.join("qemu.log");
+        sandbox.qemu_log = sandbox.dir.join(QEMU_LOG);
         sandbox.start_vhost(&bins.vhost).await?;
         Ok(Box::new(sandbox))
     }
@@ -509,18 +518,7 @@ impl Sandbox for QemuSandbox {
     }
 
     fn diagnostics(&self) -> String {
-        let mut parts = Vec::new();
-        for (name, path, lines) in [
-            ("qemu", &self.qemu_log, 5),
-            ("vhost-device-vsock", &self.vhost_log, 5),
-            ("guest console", &self.console_log, 15),
-        ] {
-            let text = tail(path, lines);
-            if !text.is_empty() {
-                parts.push(format!("--- {name} ---\n{text}"));
-            }
-        }
-        parts.join("\n")
+        vm_diagnostics(&self.qemu_log, &self.vhost_log, &self.console_log)
     }
 
     async fn destroy(mut self: Box<Self>) -> Result<(), BackendError> {

@@ -147,11 +147,6 @@ pub struct SubmitArgs {
     quiet: bool,
 }
 
-/// A time as the CLI shows it (RFC 3339, milliseconds).
-pub fn render_time(ms: i64) -> String {
-    render::time(ms)
-}
-
 pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(code) => code,

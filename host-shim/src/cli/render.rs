@@ -1,7 +1,6 @@
 //! Human-readable and JSON output.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -16,10 +15,7 @@ pub fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce() -
     }
 }
 
-pub fn time(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub use crate::store::rfc3339_ms as time;
 
 fn duration(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
@@ -27,9 +23,7 @@ fn duration(ms: u64) -> String {
 
 pub fn job_detail(job: &JobView) -> String {
     let mut out = String::new();
-    let mut field = |name: &str, value: &str| {
-        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
-    };
+    let mut field = |name: &str, value: &str| field_line(&mut out, name, value);
     field("job", &job.id);
     field("state", job.state.as_str());
     if let Some(queue) = &job.queue {
@@ -81,10 +75,7 @@ pub fn job_detail(job: &JobView) -> String {
     if let Some(error) = &job.error {
         field("error", error);
     }
-    let _ = writeln!(out, "events:");
-    for e in &job.events {
-        let _ = writeln!(out, "  {}", super::logs::event_line(e));
-    }
+    events_block(&mut out, &job.events);
     out
 }
 
@@ -121,9 +112,7 @@ pub fn sandbox_table(list: &[SandboxView]) -> String {
 
 pub fn sandbox_detail(s: &SandboxView) -> String {
     let mut out = String::new();
-    let mut field = |name: &str, value: &str| {
-        let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
-    };
+    let mut field = |name: &str, value: &str| field_line(&mut out, name, value);
     field("sandbox", &s.id);
     field("state", s.state.as_str());
     field("backend", &s.backend);
@@ -141,11 +130,21 @@ pub fn sandbox_detail(s: &SandboxView) -> String {
     if let Some(error) = &s.error {
         field("error", error);
     }
+    events_block(&mut out, &s.events);
+    out
+}
+
+/// One `name:  value` line of a detail view.
+fn field_line(out: &mut String, name: &str, value: &str) {
+    let _ = writeln!(out, "{:<11} {value}", format!("{name}:"));
+}
+
+/// The events that end a detail view.
+fn events_block(out: &mut String, events: &[crate::api::EventView]) {
     let _ = writeln!(out, "events:");
-    for e in &s.events {
+    for e in events {
         let _ = writeln!(out, "  {}", super::logs::event_line(e));
     }
-    out
 }
 
 pub fn profile_table(profiles: &[Profile]) -> String {

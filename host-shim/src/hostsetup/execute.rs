@@ -61,28 +61,28 @@ fn write_file(root: &Path, spec: &FileSpec) -> Result<(), HostSetupError> {
     std::fs::rename(&tmp, &path).map_err(io_err("renaming into place", &path))
 }
 
-/// Whether the check holds, with a phrase for the report. `None` when it cannot be
-/// evaluated (a command check under a --root other than /).
-fn check(root: &Path, live: bool, check: &LiveCheck) -> (Option<bool>, String) {
+/// Whether the check holds on the running node, with a phrase for the report. Only
+/// asked for with --root /: under another root the node's state is not read.
+fn check(root: &Path, check: &LiveCheck) -> (bool, String) {
     match check {
         LiveCheck::PathExists(path) => {
             let ok = under_root(root, path).exists();
-            (Some(ok), format!("{path} {}", if ok { "exists" } else { "does not exist" }))
+            (ok, format!("{path} {}", if ok { "exists" } else { "does not exist" }))
         }
         LiveCheck::FileIs(path, value) => {
             let actual = std::fs::read_to_string(under_root(root, path)).map(|s| s.trim().to_owned());
             match actual {
-                Ok(actual) if actual == *value => (Some(true), format!("{path} is {value}")),
-                Ok(actual) => (Some(false), format!("{path} is {actual}, not {value}")),
-                Err(_) => (Some(false), format!("{path} is unreadable")),
+                Ok(actual) if actual == *value => (true, format!("{path} is {value}")),
+                Ok(actual) => (false, format!("{path} is {actual}, not {value}")),
+                Err(_) => (false, format!("{path} is unreadable")),
             }
         }
         LiveCheck::FileHasLine(path, line) => {
             let ok =
                 std::fs::read_to_string(under_root(root, path)).is_ok_and(|t| t.lines().any(|l| l.trim() == *line));
-            (Some(ok), format!("{path} {} `{line}`", if ok { "has" } else { "lacks" }))
+            (ok, format!("{path} {} `{line}`", if ok { "has" } else { "lacks" }))
         }
-        LiveCheck::Succeeds(argv) if live => {
+        LiveCheck::Succeeds(argv) => {
             let ok = Command::new(&argv[0])
                 .args(&argv[1..])
                 .stdin(Stdio::null())
@@ -90,23 +90,22 @@ fn check(root: &Path, live: bool, check: &LiveCheck) -> (Option<bool>, String) {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            (Some(ok), format!("`{}` {}", argv.join(" "), if ok { "succeeds" } else { "fails" }))
+            (ok, format!("`{}` {}", argv.join(" "), if ok { "succeeds" } else { "fails" }))
         }
-        LiveCheck::Succeeds(argv) => (None, format!("`{}` not checked under --root", argv.join(" "))),
     }
 }
 
 /// Whether a command is needed, and why (or why not).
-fn needed(root: &Path, live: bool, spec: &CommandSpec, files_changed: bool) -> (bool, String) {
+fn needed(root: &Path, spec: &CommandSpec, files_changed: bool) -> (bool, String) {
     let changed = "a file of this step changes".to_owned();
     match &spec.when {
         When::FilesChanged if files_changed => (true, changed),
         When::FilesChanged => (false, "no file of this step changes".into()),
         When::FilesChangedOrUnless(_) if files_changed => (true, changed),
-        When::Unless(c) | When::FilesChangedOrUnless(c) => match check(root, live, c) {
-            (Some(true), why) => (false, why),
-            (Some(false) | None, why) => (true, why),
-        },
+        When::Unless(c) | When::FilesChangedOrUnless(c) => {
+            let (holds, why) = check(root, c);
+            (!holds, why)
+        }
     }
 }
 
@@ -173,12 +172,11 @@ pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -
                 lines.push(format!("    run  {command}: skipped (--root is not /)"));
                 continue;
             }
-            let (need, why) = needed(root, live, spec, files_changed);
-            let verb = match (need, apply, live) {
-                (false, _, _) => "not needed",
-                (true, false, _) => "would run",
-                (true, true, false) => "not run (--root is not /)",
-                (true, true, true) => {
+            let (need, why) = needed(root, spec, files_changed);
+            let verb = match (need, apply) {
+                (false, _) => "not needed",
+                (true, false) => "would run",
+                (true, true) => {
                     run_command(spec)?;
                     "ran"
                 }

@@ -11,9 +11,9 @@ mod plan;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub use execute::{Outcome, execute};
-pub use params::SandboxNet;
-pub use plan::{CommandSpec, FileSpec, LiveCheck, Step, When, plan};
+use execute::execute;
+use params::SandboxNet;
+use plan::plan;
 
 #[derive(clap::Args, Debug)]
 pub struct HostSetupArgs {

@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use agentlab_host::backend::proxmox::upid::Upid;
 use serde_json::{Value, json};
 
 use crate::faults::FaultKind;
-use crate::{Recorded, Shared, Task, Vm, guest};
+use crate::{Cluster, Recorded, Shared, Task, Vm, guest};
 
 /// How a request is answered.
 #[derive(Debug)]
@@ -24,6 +25,11 @@ pub enum Reply {
 
 fn err(status: u16, message: impl Into<String>) -> Reply {
     Reply::Error { status, message: message.into(), errors: BTreeMap::new() }
+}
+
+/// PVE's answer to parameters that fail its schema: 400 with the errors map.
+fn parameter_error(errors: BTreeMap<String, String>) -> Reply {
+    Reply::Error { status: 400, message: "Parameter verification failed.".into(), errors }
 }
 
 fn missing_vm(node: &str, vmid: u32) -> Reply {
@@ -83,9 +89,7 @@ pub async fn handle(
     let mut params = path_params;
     for (k, v) in query {
         if params.insert(k.clone(), v).is_some() {
-            let mut errors = BTreeMap::new();
-            errors.insert(k, "duplicate parameter".to_owned());
-            return Reply::Error { status: 400, message: "Parameter verification failed.".into(), errors };
+            return parameter_error(BTreeMap::from([(k, "duplicate parameter".to_owned())]));
         }
     }
     let user = if (method, template.as_str()) == ("POST", "/access/ticket") {
@@ -362,9 +366,7 @@ fn nextid(ctx: &Ctx, asked: Option<u32>) -> Reply {
     let c = ctx.shared.lock();
     if let Some(id) = asked {
         if c.vms.contains_key(&id) {
-            let mut errors = BTreeMap::new();
-            errors.insert("vmid".to_owned(), format!("VM {id} already exists"));
-            return Reply::Error { status: 400, message: "Parameter verification failed.".into(), errors };
+            return parameter_error(BTreeMap::from([("vmid".to_owned(), format!("VM {id} already exists"))]));
         }
         return Reply::Data(Value::String(id.to_string()));
     }
@@ -374,7 +376,7 @@ fn nextid(ctx: &Ctx, asked: Option<u32>) -> Reply {
 
 fn task_status(ctx: &Ctx, node: &str, upid: &str) -> Reply {
     let c = ctx.shared.lock();
-    let Some(t) = c.tasks.get(upid).filter(|t| t.node == node) else {
+    let Some(t) = c.tasks.get(upid).filter(|t| t.upid.node == node) else {
         return err(
             500,
             format!(
@@ -382,9 +384,10 @@ fn task_status(ctx: &Ctx, node: &str, upid: &str) -> Reply {
             ),
         );
     };
+    let u = &t.upid;
     let mut v = json!({
-        "upid": t.upid, "node": t.node, "type": t.kind, "id": t.id, "user": t.user,
-        "pid": t.pid, "pstart": t.pstart, "starttime": t.starttime,
+        "upid": u.as_str(), "node": u.node, "type": u.kind, "id": u.id, "user": u.user,
+        "pid": u.pid, "pstart": u.pstart, "starttime": u.starttime,
         "status": if t.exitstatus.is_some() { "stopped" } else { "running" },
     });
     if let Some(e) = &t.exitstatus {
@@ -395,7 +398,7 @@ fn task_status(ctx: &Ctx, node: &str, upid: &str) -> Reply {
 
 fn task_log(ctx: &Ctx, node: &str, upid: &str, start: usize, limit: usize) -> Reply {
     let c = ctx.shared.lock();
-    let Some(t) = c.tasks.get(upid).filter(|t| t.node == node) else {
+    let Some(t) = c.tasks.get(upid).filter(|t| t.upid.node == node) else {
         return err(500, format!("task log of {upid} not found on node {node}"));
     };
     let lines: Vec<Value> =
@@ -492,24 +495,14 @@ where
         c.next_pid += 1;
         (c.next_pid, 0x01C0_0000 + u64::from(c.next_pid % 4096), now_secs())
     };
-    let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{}:", ctx.user);
-    let task = Task {
-        upid: upid.clone(),
-        node: node.to_owned(),
-        kind: kind.to_owned(),
-        id: id.to_owned(),
-        user: ctx.user.clone(),
-        pid,
-        pstart,
-        starttime,
-        exitstatus: None,
-        log: Vec::new(),
-    };
-    shared.lock().tasks.insert(upid.clone(), task);
+    let text = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{}:", ctx.user);
+    // Parsing it with the client's own parser keeps the stand-in's UPIDs well-formed.
+    let upid = Upid::parse(&text).expect("the stand-in writes well-formed UPIDs");
+    shared.lock().tasks.insert(text.clone(), Task { upid, exitstatus: None, log: Vec::new() });
     let delay = shared.options.task_duration + ctx.task_extra;
     let failure = ctx.task_failure.clone();
     let warnings = shared.options.task_warnings;
-    let key = upid.clone();
+    let key = text.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         let result = match failure {
@@ -537,7 +530,7 @@ where
             }
         }
     });
-    Reply::Data(Value::String(upid))
+    Reply::Data(Value::String(text))
 }
 
 async fn clone(ctx: &Ctx, node: &str, vmid: u32, p: &BTreeMap<String, String>) -> Reply {
@@ -609,115 +602,101 @@ async fn clone(ctx: &Ctx, node: &str, vmid: u32, p: &BTreeMap<String, String>) -
     })
 }
 
+/// The VM a task is asked for: missing or locked, it is refused before any task starts.
+fn unlocked_vm<'a>(c: &'a Cluster, node: &str, vmid: u32) -> Result<&'a Vm, Reply> {
+    let Some(vm) = c.vms.get(&vmid).filter(|v| v.node == node) else { return Err(missing_vm(node, vmid)) };
+    match vm.lock() {
+        Some(lock) => Err(err(500, format!("VM is locked ({lock})"))),
+        None => Ok(vm),
+    }
+}
+
+/// Starts a `kind` task on VM `vmid` whose work, made from the shared state, runs under
+/// the VM's config lock.
+fn spawn_vm_task<W, F>(ctx: &Ctx, node: &str, vmid: u32, kind: &str, work: W) -> Reply
+where
+    W: FnOnce(Arc<Shared>) -> F,
+    F: std::future::Future<Output = Result<Vec<String>, String>> + Send + 'static,
+{
+    let work = work(ctx.shared.clone());
+    spawn_task(ctx, node, kind, &vmid.to_string(), with_config_lock(ctx.shared.clone(), vmid, work))
+}
+
 fn start(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
-    let (cores, memory) = {
+    let (cores, memory, args) = {
         let c = ctx.shared.lock();
-        let Some(vm) = c.vms.get(&vmid).filter(|v| v.node == node) else { return missing_vm(node, vmid) };
+        let vm = match unlocked_vm(&c, node, vmid) {
+            Ok(vm) => vm,
+            Err(reply) => return reply,
+        };
         if vm.template {
             return err(500, "you can't start a vm if it's a template");
-        }
-        if let Some(lock) = vm.lock() {
-            return err(500, format!("VM is locked ({lock})"));
         }
         if vm.running {
             return err(500, format!("VM {vmid} already running"));
         }
         let cores = vm.config.get("cores").and_then(|c| c.parse().ok()).unwrap_or(1);
         let memory = vm.config.get("memory").and_then(|m| m.trim_start_matches("current=").parse().ok()).unwrap_or(512);
-        (cores, memory)
+        (cores, memory, vm.config.get("args").cloned())
     };
-    let args = ctx.shared.lock().vms.get(&vmid).and_then(|v| v.config.get("args").cloned());
-    let shared = ctx.shared.clone();
-    let locked = ctx.shared.clone();
-    spawn_task(
-        ctx,
-        node,
-        "qmstart",
-        &vmid.to_string(),
-        with_config_lock(locked, vmid, async move {
-            let cid = args.as_deref().and_then(guest::cid_from_args);
-            let handle = guest::start(shared.clone(), vmid, cid, cores, memory).await?;
-            let mut c = shared.lock();
-            match c.vms.get_mut(&vmid) {
-                Some(vm) => {
-                    vm.running = true;
-                    if let Some(h) = handle {
-                        c.guests.insert(vmid, h);
-                    }
-                    Ok(vec![format!("start VM {vmid}: UPID")])
+    spawn_vm_task(ctx, node, vmid, "qmstart", move |shared| async move {
+        let cid = args.as_deref().and_then(guest::cid_from_args);
+        let handle = guest::start(shared.clone(), vmid, cid, cores, memory).await?;
+        let mut c = shared.lock();
+        match c.vms.get_mut(&vmid) {
+            Some(vm) => {
+                vm.running = true;
+                if let Some(h) = handle {
+                    c.guests.insert(vmid, h);
                 }
-                None => Err(format!("VM {vmid} vanished during start")),
+                Ok(vec![format!("start VM {vmid}: UPID")])
             }
-        }),
-    )
+            None => Err(format!("VM {vmid} vanished during start")),
+        }
+    })
 }
 
 fn stop(ctx: &Ctx, node: &str, vmid: u32, kind: &str, p: &BTreeMap<String, String>) -> Reply {
-    {
-        let c = ctx.shared.lock();
-        let Some(vm) = c.vms.get(&vmid).filter(|v| v.node == node) else { return missing_vm(node, vmid) };
-        if let Some(lock) = vm.lock() {
-            return err(500, format!("VM is locked ({lock})"));
-        }
+    if let Err(reply) = unlocked_vm(&ctx.shared.lock(), node, vmid) {
+        return reply;
     }
     let timeout = Duration::from_secs(u64::from(int(p, "timeout")).max(1));
-    let shared = ctx.shared.clone();
-    let locked = ctx.shared.clone();
-    spawn_task(
-        ctx,
-        node,
-        kind,
-        &vmid.to_string(),
-        with_config_lock(locked, vmid, async move {
-            let running = shared.lock().vms.get(&vmid).is_some_and(|v| v.running);
-            if !running {
-                return Ok(vec![format!("VM {vmid} not running")]);
-            }
-            let handle = shared.lock().guests.remove(&vmid);
-            if let Some(h) = handle {
-                h.stop_and_wait(timeout).await;
-            }
-            if let Some(vm) = shared.lock().vms.get_mut(&vmid) {
-                vm.running = false;
-            }
-            Ok(vec![format!("VM {vmid} stopped")])
-        }),
-    )
+    spawn_vm_task(ctx, node, vmid, kind, move |shared| async move {
+        let running = shared.lock().vms.get(&vmid).is_some_and(|v| v.running);
+        if !running {
+            return Ok(vec![format!("VM {vmid} not running")]);
+        }
+        let handle = shared.lock().guests.remove(&vmid);
+        if let Some(h) = handle {
+            h.stop_and_wait(timeout).await;
+        }
+        if let Some(vm) = shared.lock().vms.get_mut(&vmid) {
+            vm.running = false;
+        }
+        Ok(vec![format!("VM {vmid} stopped")])
+    })
 }
 
 fn destroy(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
-    {
-        let c = ctx.shared.lock();
-        let Some(vm) = c.vms.get(&vmid).filter(|v| v.node == node) else { return missing_vm(node, vmid) };
-        if let Some(lock) = vm.lock() {
-            return err(500, format!("VM is locked ({lock})"));
-        }
-        if vm.running {
-            return err(500, format!("VM {vmid} is running - destroy failed"));
-        }
+    match unlocked_vm(&ctx.shared.lock(), node, vmid) {
+        Err(reply) => return reply,
+        Ok(vm) if vm.running => return err(500, format!("VM {vmid} is running - destroy failed")),
+        Ok(_) => {}
     }
-    let shared = ctx.shared.clone();
-    let locked = ctx.shared.clone();
-    spawn_task(
-        ctx,
-        node,
-        "qmdestroy",
-        &vmid.to_string(),
-        with_config_lock(locked, vmid, async move {
-            let mut c = shared.lock();
-            match c.vms.get(&vmid) {
-                Some(vm) if vm.running => Err(format!("VM {vmid} is running - destroy failed")),
-                Some(_) => {
-                    c.vms.remove(&vmid);
-                    Ok(vec![
-                        format!("Removing image: 100% complete...done."),
-                        format!("purging VM {vmid} from related configurations.."),
-                    ])
-                }
-                None => Err(format!("Configuration file 'nodes/.../qemu-server/{vmid}.conf' does not exist")),
+    spawn_vm_task(ctx, node, vmid, "qmdestroy", move |shared| async move {
+        let mut c = shared.lock();
+        match c.vms.get(&vmid) {
+            Some(vm) if vm.running => Err(format!("VM {vmid} is running - destroy failed")),
+            Some(_) => {
+                c.vms.remove(&vmid);
+                Ok(vec![
+                    format!("Removing image: 100% complete...done."),
+                    format!("purging VM {vmid} from related configurations.."),
+                ])
             }
-        }),
-    )
+            None => Err(format!("Configuration file 'nodes/.../qemu-server/{vmid}.conf' does not exist")),
+        }
+    })
 }
 
 /// A task's work under the VM's config file lock, as qemu-server's tasks run: waits

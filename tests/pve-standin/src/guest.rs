@@ -59,14 +59,15 @@ pub async fn start(
     cores: u32,
     memory_mb: u32,
 ) -> Result<Option<GuestHandle>, String> {
+    let mode = shared.options.guest.clone();
+    if !matches!(mode, GuestMode::None) && cid.is_none() {
+        return Err(format!("VM {vmid} has no vsock device (args: -device vhost-vsock-pci,guest-cid=N)"));
+    }
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
-    match shared.options.guest.clone() {
+    match mode {
         GuestMode::None => return Ok(None),
         GuestMode::Fake { hybrid_dir } => {
-            if cid.is_none() {
-                return Err(format!("VM {vmid} has no vsock device (args: -device vhost-vsock-pci,guest-cid=N)"));
-            }
             let socket = hybrid::guest_port_path(&vm_dir(&hybrid_dir, vmid).join("vsock.sock"), AGENT_VSOCK_PORT);
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -79,9 +80,6 @@ pub async fn start(
             });
         }
         GuestMode::Boot { hybrid_dir, image_dir } => {
-            if cid.is_none() {
-                return Err(format!("VM {vmid} has no vsock device (args: -device vhost-vsock-pci,guest-cid=N)"));
-            }
             let backend = QemuBackend::new(QemuConfig {
                 qemu: PathBuf::from("qemu-system-x86_64"),
                 vhost_device_vsock: PathBuf::from("vhost-device-vsock"),

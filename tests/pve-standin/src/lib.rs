@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentlab_host::backend::proxmox::upid::Upid;
 pub use faults::FaultKind;
 
 /// A cluster node and its load.
@@ -111,16 +112,11 @@ impl Vm {
     }
 }
 
+/// A task: its UPID (the answers about it are built from the parsed fields), how it
+/// ended, and its log.
 #[derive(Clone, Debug)]
 pub struct Task {
-    pub upid: String,
-    pub node: String,
-    pub kind: String,
-    pub id: String,
-    pub user: String,
-    pub pid: u32,
-    pub pstart: u64,
-    pub starttime: u64,
+    pub upid: Upid,
     pub exitstatus: Option<String>,
     pub log: Vec<String>,
 }

@@ -11,7 +11,6 @@ use serde_json::Value;
 
 /// The schema of one PVE major version.
 pub struct Schema {
-    pub version: u8,
     paths: Vec<(Vec<String>, String, Value)>,
 }
 
@@ -43,7 +42,7 @@ impl Schema {
                 (segments, template.clone(), methods.clone())
             })
             .collect();
-        Ok(Schema { version, paths })
+        Ok(Schema { paths })
     }
 
     /// The path template matching `path` (without /api2/json) and its path parameters.

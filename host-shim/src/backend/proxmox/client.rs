@@ -376,11 +376,6 @@ fn error_chain(e: &reqwest::Error) -> String {
     text
 }
 
-/// `/cluster/nextid` answers an integer or a string depending on the version: accept both.
-pub fn lenient_u64(value: &Value) -> Option<u64> {
-    value.as_u64().or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,13 +395,6 @@ mod tests {
     #[test]
     fn secrets_do_not_show_in_debug_output() {
         assert_eq!(format!("{:?}", Secret("5f8e2a8e".into())), "[redacted]");
-    }
-
-    #[test]
-    fn nextid_is_read_leniently() {
-        assert_eq!(lenient_u64(&serde_json::json!(123)), Some(123));
-        assert_eq!(lenient_u64(&serde_json::json!("123")), Some(123));
-        assert_eq!(lenient_u64(&serde_json::json!("x")), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::client::{ConnectionConfig, RetryPolicy};
 use super::error::PveError;
@@ -12,7 +12,7 @@ use super::tls::TlsConfig;
 
 /// How the root@pam-only `args` option (the vsock device) gets set. API tokens are
 /// refused for `args` even when they belong to root (`root@pam!x` is not `root@pam`).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ArgsVia {
     /// Run `qm set VMID --args …` on this node (agentlabd runs on the node as root).
@@ -23,7 +23,7 @@ pub enum ArgsVia {
 }
 
 /// Where the sandbox's agent connection arrives.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelMode {
     /// AF_VSOCK on this node; the guest gets CID = its VMID.
@@ -33,7 +33,9 @@ pub enum ChannelMode {
     Hybrid,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Serialize writes the same form Deserialize reads (tests write agentlabd's config
+/// file from it).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ProxmoxConfig {
     /// `https://HOST:8006`.
@@ -106,7 +108,7 @@ fn default_orphan_grace() -> u64 {
     900
 }
 fn default_attempts() -> u32 {
-    6
+    RetryPolicy::default().max_attempts
 }
 fn default_status_poll() -> u64 {
     5

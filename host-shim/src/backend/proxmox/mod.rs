@@ -33,6 +33,8 @@ use super::{Backend, BackendError, ChannelEndpoint, ProvisionRequest, Sandbox, V
 
 /// The tag every AgentLab VM carries; the reconciler touches nothing without it.
 pub const TAG: &str = "agentlab";
+/// The backend's name, as recorded with each of its sandboxes.
+pub const BACKEND_NAME: &str = "proxmox";
 /// How many VMIDs a clone tries when other clients keep taking them first.
 const MAX_VMID_TRIES: u32 = 8;
 const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -143,7 +145,7 @@ fn vhost_vsock_check_at(module: &std::path::Path, device: &std::path::Path) -> R
 #[async_trait]
 impl Backend for ProxmoxBackend {
     fn name(&self) -> &'static str {
-        "proxmox"
+        BACKEND_NAME
     }
 
     async fn preflight(&self) -> Result<(), BackendError> {
@@ -225,10 +227,7 @@ impl Inner {
     async fn cluster_view(&self) -> Result<(Vec<placement::NodeLoad>, HashSet<u32>), PveError> {
         let resources = self.client.call("listing cluster resources", Method::Get, "/cluster/resources", &[]).await?;
         let loads = placement::node_loads(&resources);
-        let in_use = vm_entries(&resources)
-            .filter_map(|v| v.get("vmid").and_then(Value::as_u64))
-            .filter_map(|v| u32::try_from(v).ok())
-            .collect();
+        let in_use = vm_entries(&resources).filter_map(vmid_of).collect();
         Ok((loads, in_use))
     }
 
@@ -252,9 +251,7 @@ impl Inner {
             let name = req.sandbox_id.clone();
             let params = [("newid", vmid.to_string()), ("full", "0".to_owned()), ("name", name.clone())];
             let path = format!("/nodes/{}/qemu/{template}/clone", node.name);
-            // The clone carries our name: a VM with this id and name is our clone.
-            let ours =
-                |cfg: Option<&Value>| cfg.and_then(|c| c.get("name")).and_then(Value::as_str) == Some(name.as_str());
+            let ours = |cfg: Option<&Value>| is_our_clone(cfg, &name);
             let check = Check { path: format!("/nodes/{}/qemu/{vmid}/config", node.name), applied: &ours };
             match self.client.call_once(&op, Method::Post, &path, &params, check).await {
                 Ok(Outcome::Answered(data)) => {
@@ -316,7 +313,7 @@ impl Inner {
         let op = format!("checking whether VM {vmid} on node {node} is the failed clone {name}");
         let path = format!("/nodes/{node}/qemu/{vmid}/config");
         match self.client.call(&op, Method::Get, &path, &[]).await {
-            Ok(cfg) if cfg.get("name").and_then(Value::as_str) == Some(name) => self.abandon(node, vmid).await,
+            Ok(cfg) if is_our_clone(Some(&cfg), name) => self.abandon(node, vmid).await,
             Ok(_) => self.vmids.release(vmid),
             Err(e) if e.is_missing_vm() => self.vmids.release(vmid),
             // Unknown: keep the id held, so it is not offered again while it may be ours.
@@ -406,6 +403,17 @@ impl Inner {
 
 pub(super) fn vm_entries(resources: &Value) -> impl Iterator<Item = &Value> {
     resources.as_array().into_iter().flatten().filter(|r| r.get("type").and_then(Value::as_str) == Some("qemu"))
+}
+
+/// The VMID of one `/cluster/resources` entry.
+pub(super) fn vmid_of(entry: &Value) -> Option<u32> {
+    u32::try_from(entry.get("vmid").and_then(Value::as_u64)?).ok()
+}
+
+/// Whether a VM's config (`None`: no such VM) is the clone named `name`: the clone
+/// carries the sandbox's name, so a VM with our id and that name is ours.
+fn is_our_clone(config: Option<&Value>, name: &str) -> bool {
+    config.and_then(|c| c.get("name")).and_then(Value::as_str) == Some(name)
 }
 
 /// Stops (gracefully, then hard) and deletes a VM with its disks. A VM that is

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// One node as configured: its name and which local template stands in for each
 /// profile's `template_vmid` (linked clones come from a template on the same node).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub name: String,
@@ -31,9 +31,8 @@ pub struct NodeLoad {
     pub online: bool,
     pub mem: u64,
     pub maxmem: u64,
-    /// 0.0..=1.0 of `maxcpu`.
+    /// 0.0..=1.0 of the node's CPUs.
     pub cpu: f64,
-    pub maxcpu: f64,
 }
 
 /// The `type=node` entries of a `/cluster/resources` answer.
@@ -48,7 +47,6 @@ pub fn node_loads(resources: &Value) -> Vec<NodeLoad> {
                 mem: r.get("mem").and_then(Value::as_u64).unwrap_or(0),
                 maxmem: r.get("maxmem").and_then(Value::as_u64).unwrap_or(0),
                 cpu: r.get("cpu").and_then(Value::as_f64).unwrap_or(0.0),
-                maxcpu: r.get("maxcpu").and_then(Value::as_f64).unwrap_or(0.0),
             })
         })
         .collect()
@@ -95,7 +93,7 @@ mod tests {
     use super::*;
 
     fn load(name: &str, mem_gib: u64, maxmem_gib: u64, cpu: f64) -> NodeLoad {
-        NodeLoad { name: name.into(), online: true, mem: mem_gib << 30, maxmem: maxmem_gib << 30, cpu, maxcpu: 16.0 }
+        NodeLoad { name: name.into(), online: true, mem: mem_gib << 30, maxmem: maxmem_gib << 30, cpu }
     }
 
     fn nodes(names: &[&str]) -> Vec<NodeConfig> {

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::client::Method;
 use super::error::PveError;
-use super::{ProxmoxBackend, destroy_vm, is_ours, sandbox_of, vm_entries};
+use super::{ProxmoxBackend, destroy_vm, is_ours, sandbox_of, vm_entries, vmid_of};
 use crate::state::SandboxState;
 use crate::store::Store;
 
@@ -57,7 +57,7 @@ impl Reconciler {
                 if !is_ours(tags) || v.get("template").and_then(Value::as_u64) == Some(1) {
                     return None;
                 }
-                let vmid = u32::try_from(v.get("vmid").and_then(Value::as_u64)?).ok()?;
+                let vmid = vmid_of(v)?;
                 let node = v.get("node").and_then(Value::as_str)?.to_owned();
                 Some((vmid, node, tags.to_owned()))
             })
@@ -66,7 +66,7 @@ impl Reconciler {
 
         for sb in &sandboxes {
             let expects_vm = matches!(sb.state, SandboxState::Booting | SandboxState::Ready | SandboxState::Running);
-            if expects_vm && sb.backend == "proxmox" && !listed.contains(&sb.id) {
+            if expects_vm && sb.backend == super::BACKEND_NAME && !listed.contains(&sb.id) {
                 let msg = "its VM vanished: no VM tagged with this sandbox is listed in /cluster/resources (deleted outside AgentLab?)";
                 let _ = store.record_event(sb.job_id.as_deref(), Some(&sb.id), "sandbox.vm_vanished", msg);
                 if sb.state.can_become(SandboxState::Failed) {
@@ -85,7 +85,7 @@ impl Reconciler {
                 SandboxState::Completed | SandboxState::Failed | SandboxState::Timeout | SandboxState::Stopped
             );
             let job_over = sb.job_id.as_deref().is_none_or(|j| store.job(j).is_ok_and(|job| job.state.is_terminal()));
-            if sb.backend == "proxmox" && finished && job_over && !listed.contains(&sb.id) {
+            if sb.backend == super::BACKEND_NAME && finished && job_over && !listed.contains(&sb.id) {
                 let msg = "its VM is gone (a failed teardown was retried by the reconciler)";
                 let _ = store.transition_sandbox(&sb.id, SandboxState::Destroyed, Some(msg));
             }

@@ -49,7 +49,8 @@ impl VmidPool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).held.remove(&id);
     }
 
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).held.len()
     }
 }

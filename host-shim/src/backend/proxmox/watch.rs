@@ -11,8 +11,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Inner;
 use super::client::Method;
+use super::{Inner, vmid_of};
 
 /// The VMs' states as one listing saw them.
 pub struct Listing {
@@ -48,8 +48,8 @@ async fn poll(inner: Weak<Inner>, tx: watch::Sender<Option<Arc<Listing>>>) {
                     .into_iter()
                     .flatten()
                     .filter_map(|v| {
-                        let vmid = u32::try_from(v.get("vmid").and_then(Value::as_u64)?).ok()?;
-                        Some((vmid, v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned()))
+                        let state = v.get("status").and_then(Value::as_str).unwrap_or("unknown");
+                        Some((vmid_of(v)?, state.to_owned()))
                     })
                     .collect();
                 let _ = tx.send(Some(Arc::new(Listing { taken_at, states })));
