@@ -249,6 +249,11 @@ async fn run_sandboxed(
                     let _ = killpg(group, Signal::SIGTERM);
                     kill_at = Some(Instant::now() + grace);
                 }
+                // The host came back: it may not have heard that the job started (it
+                // ignores a repeat).
+                Ok(Event::Resumed) => {
+                    link.send(GuestMessage::JobStarted { pid }).await;
+                }
                 Ok(_) => {}
                 Err(gone) => {
                     // Nobody will ever receive the result. Stop everything.

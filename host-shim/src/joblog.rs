@@ -59,6 +59,10 @@ impl JobLog {
 
     /// Stores one record; returns false if the log is full and it was dropped.
     pub fn append(&self, stream: OutputStream, data: &[u8]) -> io::Result<bool> {
+        // Once the marker is written nothing follows it, however small.
+        if self.progress.borrow().full {
+            return Ok(false);
+        }
         let stored = self.progress.borrow().len;
         let room = self.max_bytes.saturating_sub(stored);
         let needed = (RECORD_HEADER + data.len()) as u64;
@@ -282,6 +286,24 @@ mod tests {
         assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stdout, b"0123456789".to_vec())));
         assert_eq!(reader.next_record(limit).unwrap(), Some((OutputStream::Stderr, TRUNCATED_MARKER.to_vec())));
         assert_eq!(reader.next_record(limit).unwrap(), None);
+    }
+
+    #[test]
+    fn nothing_small_slips_in_after_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        // After the marker there is room for "y" and another marker.
+        let limit = (5 + 10 + 2 * (5 + TRUNCATED_MARKER.len()) + 6) as u64;
+        let log = JobLog::create(&path, limit).unwrap();
+        assert!(log.append(OutputStream::Stdout, b"0123456789").unwrap());
+        assert!(!log.append(OutputStream::Stdout, &[b'z'; 4096]).unwrap(), "too large for the room left");
+        assert!(!log.append(OutputStream::Stdout, b"y").unwrap(), "it would fit, but the log is full");
+        let len = log.subscribe().borrow().len;
+        assert_eq!(len, (5 + 10 + 5 + TRUNCATED_MARKER.len()) as u64);
+        let mut reader = LogReader::open(&path, 0).unwrap();
+        assert_eq!(reader.next_record(len).unwrap(), Some((OutputStream::Stdout, b"0123456789".to_vec())));
+        assert_eq!(reader.next_record(len).unwrap(), Some((OutputStream::Stderr, TRUNCATED_MARKER.to_vec())));
+        assert_eq!(reader.next_record(len).unwrap(), None);
     }
 
     #[test]

@@ -690,8 +690,14 @@ async fn refuse_further_sessions(
     );
     let mut refused = 0u32;
     loop {
-        let Ok(stream) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                // A lasting failure (out of descriptors) must not spin this loop.
+                tracing::warn!("accepting on the agent socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         refused += 1;
         if refused <= MAX_RECORDED {
@@ -737,8 +743,10 @@ impl Observer<'_> {
             return Ok(());
         }
         self.output_bytes += data.len() as u64;
-        self.daemon.metrics.log_stored(data.len());
-        if !self.job.log.append(stream, data)? && !self.truncated {
+        let stored = self.job.log.append(stream, data)?;
+        if stored {
+            self.daemon.metrics.log_stored(data.len());
+        } else if !self.truncated {
             self.truncated = true;
             let msg = format!(
                 "the output reached {} bytes, the log's limit (agentlabd --max-log-mb); the rest is dropped",

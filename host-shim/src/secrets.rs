@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use age::secrecy::ExposeSecret;
 use agentlab_protocol::{SecretBundle, SecretEntry, SecretError, SecretKind};
@@ -66,6 +67,9 @@ const MAX_BUNDLE_FILE: u64 = 2 * 1024 * 1024;
 #[derive(Clone)]
 pub struct SecretStore {
     dir: PathBuf,
+    /// Held across each read-modify-write of a bundle (and the identity's creation):
+    /// two requests at once must not lose an entry.
+    writing: Arc<Mutex<()>>,
 }
 
 pub fn check_bundle_name(name: &str) -> Result<(), SecretsError> {
@@ -79,7 +83,7 @@ pub fn check_bundle_name(name: &str) -> Result<(), SecretsError> {
 impl SecretStore {
     /// A store under `dir` (created, mode 0700, on first write).
     pub fn new(dir: &Path) -> SecretStore {
-        SecretStore { dir: dir.to_owned() }
+        SecretStore { dir: dir.to_owned(), writing: Arc::default() }
     }
 
     pub fn identity_path(&self) -> PathBuf {
@@ -215,6 +219,7 @@ impl SecretStore {
     /// Adds or replaces one entry of a bundle (creating the bundle).
     pub fn set(&self, bundle: &str, entry: SecretEntry) -> Result<BundleView, SecretsError> {
         check_bundle_name(bundle)?;
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         entry.validate()?;
         let mut contents =
             self.load(bundle)?.unwrap_or_else(|| SecretBundle { name: bundle.to_owned(), entries: Vec::new() });
@@ -230,6 +235,7 @@ impl SecretStore {
     /// Removes one entry (the bundle stays, possibly empty) or, with no entry, the bundle.
     pub fn remove(&self, bundle: &str, entry: Option<(SecretKind, &str)>) -> Result<Option<BundleView>, SecretsError> {
         check_bundle_name(bundle)?;
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let Some((kind, name)) = entry else {
             return match std::fs::remove_file(self.bundle_path(bundle)) {
                 Ok(()) => Ok(None),

@@ -347,6 +347,29 @@ async fn a_vmid_taken_by_another_client_moves_the_clone_to_the_next_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmids_taken_by_other_clients_are_freed_however_the_clone_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { fault_rate: 1.0, fault_kinds: vec![FaultKind::VmidRace], ..Options::default() };
+    let (standin, mut config) = setup(options, dir.path()).await;
+    config.vmid_range = [100_000, 100_001];
+    let backend = ProxmoxBackend::new(config).unwrap();
+    // Both ids are taken by the other client, and then there is none left to try.
+    let e = backend.provision(&request(1)).await.err().unwrap().to_string();
+    assert_eq!(e, "Proxmox configuration: every VMID in vmid_range [100000, 100001] is in use: widen it");
+    // The other client's VMs go (after 300 ms): both ids are free again.
+    standin.set_fault_rate(0.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(standin.vms(), vec![]);
+    let a = backend.provision(&request(2)).await.unwrap();
+    let b = backend.provision(&request(3)).await.unwrap();
+    let mut vmids: Vec<u32> = standin.vms().iter().map(|v| v.vmid).collect();
+    vmids.sort_unstable();
+    assert_eq!(vmids, [100_000, 100_001]);
+    a.destroy().await.unwrap();
+    b.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_timeouts_proxy_errors_and_lost_answers_are_retried_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
@@ -374,6 +397,37 @@ async fn lock_timeouts_proxy_errors_and_lost_answers_are_retried_without_duplica
     for kind in [FaultKind::LockTimeout, FaultKind::Proxy595, FaultKind::Proxy596, FaultKind::DropConnection] {
         assert!(injected.iter().any(|(k, _)| *k == kind), "{kind:?} never injected: {injected:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_answer_was_lost_and_that_was_repeated_still_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    // Tasks outlast the client's look at the VM after the lost answer (within 200 ms),
+    // so it finds the VM not running yet and starts it again.
+    let options = Options { task_duration: Duration::from_secs(1), ..Options::default() };
+    let (standin, config) = setup(options, dir.path()).await;
+    let backend = ProxmoxBackend::new(config).unwrap();
+    let mut vm = backend.provision(&request(1)).await.unwrap();
+    let vmid = standin.vms()[0].vmid;
+    standin.fault_next("POST", "/nodes/{node}/qemu/{vmid}/status/start", FaultKind::Proxy596);
+    vm.boot().await.unwrap();
+    assert!(standin.vms()[0].running);
+    assert_eq!(standin.injected(), vec![(FaultKind::Proxy596, "Connection timed out".to_owned())]);
+    let starts = standin.recorded().iter().filter(|r| r.template.ends_with("/status/start")).count();
+    assert_eq!(starts, 2, "the start whose answer was lost is repeated");
+    // As on PVE, the second start's task is what fails.
+    let mut ends: Vec<Option<String>> = standin
+        .shared
+        .lock()
+        .tasks
+        .values()
+        .filter(|t| t.upid.kind == "qmstart")
+        .map(|t| t.exitstatus.clone())
+        .collect();
+    ends.sort();
+    assert_eq!(ends, [Some("OK".to_owned()), Some(format!("VM {vmid} already running"))]);
+    vm.destroy().await.unwrap();
+    assert_eq!(standin.vms(), vec![]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,20 +102,25 @@ pub async fn handle(
     };
     if let Err(errors) = shared.schema.validate(&template, method, &params) {
         shared.lock().validation_failures.push(format!("{method} {template}: {errors:?}"));
-        return Reply::Error { status: 400, message: "Parameter verification failed.".into(), errors };
+        return parameter_error(errors);
     }
     shared.lock().recorded.push(Recorded { method: method.into(), template: template.clone(), params: params.clone() });
 
     let kind = route_kind(method, &template);
     let is_clone = template == "/nodes/{node}/qemu/{vmid}/clone";
     let has_vm = template.contains("{vmid}");
-    let fault = shared.faults().draw(|f| match f {
-        FaultKind::LockTimeout | FaultKind::VmLocked => has_vm && kind != Kind::Read,
-        FaultKind::Internal => kind != Kind::Read,
-        FaultKind::Proxy595 | FaultKind::Proxy596 | FaultKind::DropConnection => true,
-        FaultKind::SlowTask | FaultKind::FailingTask => kind == Kind::Task,
-        FaultKind::VmidRace => is_clone,
-    });
+    let fault = {
+        let mut faults = shared.faults();
+        faults.take_planned(method, &template).or_else(|| {
+            faults.draw(|f| match f {
+                FaultKind::LockTimeout | FaultKind::VmLocked => has_vm && kind != Kind::Read,
+                FaultKind::Internal => kind != Kind::Read,
+                FaultKind::Proxy595 | FaultKind::Proxy596 | FaultKind::DropConnection => true,
+                FaultKind::SlowTask | FaultKind::FailingTask => kind == Kind::Task,
+                FaultKind::VmidRace => is_clone,
+            })
+        })
+    };
     let vmid_param: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
     let scale = shared.options.lock_wait_scale;
     let mut task_extra = Duration::ZERO;
@@ -632,14 +637,15 @@ fn start(ctx: &Ctx, node: &str, vmid: u32) -> Reply {
         if vm.template {
             return err(500, "you can't start a vm if it's a template");
         }
-        if vm.running {
-            return err(500, format!("VM {vmid} already running"));
-        }
         let cores = vm.config.get("cores").and_then(|c| c.parse().ok()).unwrap_or(1);
         let memory = vm.config.get("memory").and_then(|m| m.trim_start_matches("current=").parse().ok()).unwrap_or(512);
         (cores, memory, vm.config.get("args").cloned())
     };
     spawn_vm_task(ctx, node, vmid, "qmstart", move |shared| async move {
+        // As PVE: the API forks the task without looking; the task finds the VM running.
+        if shared.lock().vms.get(&vmid).is_some_and(|v| v.running) {
+            return Err(format!("VM {vmid} already running"));
+        }
         let cid = args.as_deref().and_then(guest::cid_from_args);
         let handle = guest::start(shared.clone(), vmid, cid, cores, memory).await?;
         let mut c = shared.lock();

@@ -47,11 +47,13 @@ pub struct Faults {
     rng: StdRng,
     counter: u64,
     pub injected: Vec<(FaultKind, String)>,
+    /// Faults a test set for the next request to a route: (method, path template, kind).
+    pub planned: Vec<(String, String, FaultKind)>,
 }
 
 impl Faults {
     pub fn new(rate: f64, kinds: Vec<FaultKind>, seed: u64) -> Faults {
-        Faults { rate, kinds, rng: StdRng::seed_from_u64(seed), counter: 0, injected: Vec::new() }
+        Faults { rate, kinds, rng: StdRng::seed_from_u64(seed), counter: 0, injected: Vec::new(), planned: Vec::new() }
     }
 
     /// Whether this request gets a fault, and which, among those that `applicable` allows.
@@ -60,10 +62,22 @@ impl Faults {
             return None;
         }
         let options: Vec<FaultKind> = self.kinds.iter().copied().filter(|k| applicable(*k)).collect();
-        if options.is_empty() {
+        // Kinds not met yet come first, so a soak meets every kind whatever order its
+        // requests happen to come in.
+        let unmet: Vec<FaultKind> =
+            options.iter().copied().filter(|k| !self.injected.iter().any(|(met, _)| met == k)).collect();
+        let pool = if unmet.is_empty() { options } else { unmet };
+        if pool.is_empty() {
             return None;
         }
-        Some(options[self.rng.random_range(0..options.len())])
+        Some(pool[self.rng.random_range(0..pool.len())])
+    }
+
+    /// The fault planned for this request's route, if any; each planned fault meets one
+    /// request.
+    pub fn take_planned(&mut self, method: &str, template: &str) -> Option<FaultKind> {
+        let i = self.planned.iter().position(|(m, t, _)| m == method && t == template)?;
+        Some(self.planned.remove(i).2)
     }
 
     pub fn coin(&mut self) -> bool {

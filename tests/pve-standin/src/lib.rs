@@ -256,6 +256,12 @@ impl StandIn {
         self.shared.faults().injected.clone()
     }
 
+    /// The next `method` request to the path template `template` (as in the schema,
+    /// e.g. `/nodes/{node}/qemu/{vmid}/status/start`) meets `kind`, whatever the rate.
+    pub fn fault_next(&self, method: &str, template: &str, kind: FaultKind) {
+        self.shared.faults().planned.push((method.to_owned(), template.to_owned(), kind));
+    }
+
     pub fn set_fault_rate(&self, rate: f64) {
         self.shared.faults().rate = rate;
     }

@@ -239,9 +239,25 @@ impl Inner {
         req: &ProvisionRequest,
         in_use: &HashSet<u32>,
     ) -> Result<(u32, Option<String>), PveError> {
-        let template = node.template_for(req.template_vmid);
-        let mut note = None;
         let mut skipped = Vec::new();
+        let cloned = self.clone_to_free_vmid(node, req, in_use, &mut skipped).await;
+        // Ids other clients took were held only so the later tries skipped them: they
+        // are freed however the clone ended.
+        for id in skipped {
+            self.vmids.release(id);
+        }
+        cloned
+    }
+
+    /// [`Self::clone_vm`]'s tries; the ids found taken are added to `skipped`.
+    async fn clone_to_free_vmid(
+        &self,
+        node: &NodeConfig,
+        req: &ProvisionRequest,
+        in_use: &HashSet<u32>,
+        skipped: &mut Vec<u32>,
+    ) -> Result<(u32, Option<String>), PveError> {
+        let template = node.template_for(req.template_vmid);
         for _ in 0..MAX_VMID_TRIES {
             let vmid = self.vmids.reserve(in_use).ok_or_else(|| {
                 let [a, b] = self.config.vmid_range;
@@ -253,18 +269,22 @@ impl Inner {
             let path = format!("/nodes/{}/qemu/{template}/clone", node.name);
             let ours = |cfg: Option<&Value>| is_our_clone(cfg, &name);
             let check = Check { path: format!("/nodes/{}/qemu/{vmid}/config", node.name), applied: &ours };
-            match self.client.call_once(&op, Method::Post, &path, &params, check).await {
+            let note = match self.client.call_once(&op, Method::Post, &path, &params, check).await {
                 Ok(Outcome::Answered(data)) => {
-                    let upid = task::upid_of(&op, &data)?;
-                    match task::wait(&self.client, &op, &upid, self.task_timeout()).await {
-                        Ok(done) => note = done.note,
+                    let done = match task::upid_of(&op, &data) {
+                        Ok(upid) => task::wait(&self.client, &op, &upid, self.task_timeout()).await,
+                        Err(e) => Err(e),
+                    };
+                    match done {
+                        Ok(done) => done.note,
+                        // The clone was accepted, so its VM may exist.
                         Err(e) => {
                             self.abandon(&node.name, vmid).await;
                             return Err(e);
                         }
                     }
                 }
-                Ok(Outcome::AlreadyApplied) => {}
+                Ok(Outcome::AlreadyApplied) => None,
                 Err(e) if e.api().is_some_and(error::ApiError::is_vmid_taken) => {
                     tracing::info!("{op}: VMID {vmid} was taken by another client; trying the next");
                     skipped.push(vmid);
@@ -275,19 +295,13 @@ impl Inner {
                     self.abandon_if_ours(&node.name, vmid, &name).await;
                     return Err(e);
                 }
-            }
-            for id in skipped {
-                self.vmids.release(id);
-            }
+            };
             let op = format!("waiting for VM {vmid}'s clone lock on node {}", node.name);
             if let Err(e) = self.wait_unlocked(&op, &node.name, vmid).await {
                 self.abandon(&node.name, vmid).await;
                 return Err(e);
             }
             return Ok((vmid, note));
-        }
-        for id in &skipped {
-            self.vmids.release(*id);
         }
         Err(PveError::Other {
             op: format!("cloning template {template} on node {}", node.name),
@@ -479,6 +493,13 @@ impl ProxmoxSandbox {
         }
     }
 
+    /// Whether the VM's current status is `running` (unknown counts as not).
+    async fn is_running(&self, op: &str) -> bool {
+        let path = format!("/nodes/{}/qemu/{}/status/current", self.node, self.vmid);
+        let status = self.inner.client.call(op, Method::Get, &path, &[]).await;
+        status.is_ok_and(|s| status_of(Some(&s)) == Some("running"))
+    }
+
     async fn teardown(&mut self) -> Result<(), PveError> {
         let result = destroy_vm(&self.inner, &self.node, self.vmid).await;
         match &result {
@@ -509,15 +530,20 @@ impl Sandbox for ProxmoxSandbox {
         let path = format!("/nodes/{node}/qemu/{vmid}/status/start");
         let running = |s: Option<&Value>| status_of(s) == Some("running");
         let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &running };
-        match client.call_once(&op, Method::Post, &path, &[], check).await {
-            Ok(Outcome::Answered(data)) => {
-                let upid = task::upid_of(&op, &data)?;
-                let done = task::wait(client, &op, &upid, self.inner.task_timeout()).await?;
-                self.warnings.extend(done.note);
-            }
-            Ok(Outcome::AlreadyApplied) => {}
-            // A start whose answer was lost, repeated while the first one finished.
-            Err(e) if e.api().is_some_and(|a| a.text().contains("already running")) => {}
+        let started = match client.call_once(&op, Method::Post, &path, &[], check).await {
+            Ok(Outcome::Answered(data)) => match task::upid_of(&op, &data) {
+                Ok(upid) => task::wait(client, &op, &upid, self.inner.task_timeout()).await.map(|done| done.note),
+                Err(e) => Err(e),
+            },
+            Ok(Outcome::AlreadyApplied) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(note) => self.warnings.extend(note),
+            // A start repeated after its answer was lost fails once the first one has
+            // run (PVE: the task fails with "VM N already running"): what counts is
+            // whether the VM runs.
+            Err(e) if self.is_running(&op).await => tracing::info!("{e}; the VM is running all the same"),
             Err(e) => return Err(e.into()),
         }
         self.started_at = Some(tokio::time::Instant::now());

@@ -40,9 +40,8 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
         return Err(bad());
     }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    // Decodes bytes, not chars: a multi-byte char among the 64 bytes is just invalid.
+    hex::decode_to_slice(&hex, &mut out).map_err(|_| bad())?;
     Ok(out)
 }
 
@@ -162,6 +161,17 @@ mod tests {
                 "tls.fingerprint {:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
                 "ZZ".repeat(32)
             )
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_of_64_bytes_with_a_multi_byte_char_is_refused() {
+        // 64 bytes, the 'é' straddling the first pair of digits.
+        let text = format!("A\u{e9}{}", "B".repeat(61));
+        assert_eq!(text.len(), 64);
+        assert_eq!(
+            parse_fingerprint(&text).unwrap_err(),
+            format!("tls.fingerprint {text:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
         );
     }
 
