@@ -329,6 +329,12 @@ impl agentlab_host::channel::SessionObserver for SessionRecord {
     }
 }
 
+/// The messages of a job's events of one kind (from `job show --json`), in order.
+pub fn event_messages<'a>(job: &'a serde_json::Value, kind: &str) -> Vec<&'a str> {
+    let events = job["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+    events.iter().filter(|e| e["kind"] == kind).map(|e| e["message"].as_str().unwrap_or_default()).collect()
+}
+
 /// A job that runs `cmd` under `/bin/sh -c` in `workdir`: no extra environment, no
 /// upload, a 30 s limit and 300 ms kill grace. Callers change other fields with
 /// struct-update syntax.

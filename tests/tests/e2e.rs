@@ -378,13 +378,7 @@ fn a_second_connection_to_the_agent_port_is_refused_and_recorded() {
         "{reason}"
     );
     let job = d.wait_for_job_end(&job_id);
-    let refused: Vec<&str> = job["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "channel.refused")
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let refused = agentlab_tests::event_messages(&job, "channel.refused");
     let sandbox = job["sandbox_id"].as_str().unwrap();
     let reason =
         format!("sandbox {sandbox} already has its agent session; a second connection to the agent port is refused");
@@ -496,13 +490,7 @@ fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
 
     let job = d.wait_for_job_end(&job_id);
     assert_eq!(job["state"], "COMPLETED");
-    let rejected: Vec<&str> = job["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "artifacts.rejected")
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let rejected = agentlab_tests::event_messages(&job, "artifacts.rejected");
     assert_eq!(
         rejected,
         [

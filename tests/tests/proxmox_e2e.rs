@@ -328,13 +328,7 @@ fn task_warnings_are_kept_with_the_job_and_it_still_completes() {
     let jobs: Value = serde_json::from_slice(&d.cli(&["--json", "job", "list"]).stdout).unwrap();
     let job = d.job_json(jobs[0]["id"].as_str().unwrap());
     assert_eq!(job["state"], "COMPLETED");
-    let warnings: Vec<&str> = job["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "sandbox.warning")
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let warnings = agentlab_tests::event_messages(&job, "sandbox.warning");
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(
         warnings[0].starts_with("cloning template 9000 on node pve1 to VM 100000: task UPID:pve1:"),
