@@ -13,7 +13,7 @@ use std::sync::mpsc as sync_mpsc;
 
 use agentlab_protocol::{
     ArtifactRequest, ArtifactSummary, CHUNK_WINDOW, DataMessage, GuestConnection, GuestMessage, HostMessage,
-    MAX_CHUNK_LEN, MessageKind, ProtocolError,
+    MessageKind, ProtocolError, SEND_CHUNK_LEN,
 };
 use agentlab_redact::Redactor;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -104,7 +104,7 @@ pub async fn push<S: Stream>(
     Ok(summary)
 }
 
-/// The tar builder's output: fills pooled chunks of [`MAX_CHUNK_LEN`] and hands each
+/// The tar builder's output: fills pooled chunks of [`SEND_CHUNK_LEN`] and hands each
 /// full one to the next stage.
 struct ChunkWriter {
     chunk: Vec<u8>,
@@ -121,9 +121,9 @@ impl ChunkWriter {
 
 impl Write for ChunkWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(MAX_CHUNK_LEN - self.chunk.len());
+        let n = buf.len().min(SEND_CHUNK_LEN - self.chunk.len());
         self.chunk.extend_from_slice(&buf[..n]);
-        if self.chunk.len() == MAX_CHUNK_LEN {
+        if self.chunk.len() == SEND_CHUNK_LEN {
             self.hand_on()?;
         }
         Ok(n)

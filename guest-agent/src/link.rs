@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentlab_protocol::{
-    CHUNK_WINDOW, DataMessage, GuestConnection, GuestMessage, HostMessage, MAX_CHUNK_LEN, MessageKind, OutputChunk,
-    OutputStream,
+    CHUNK_WINDOW, DataMessage, GuestConnection, GuestMessage, HostMessage, MessageKind, OutputChunk, OutputStream,
+    SEND_CHUNK_LEN,
 };
 use tokio::task::JoinHandle;
 
@@ -98,12 +98,12 @@ impl Link {
 
     /// Queues output, cut to chunk size; past [`MAX_BUFFERED`] it is counted and dropped.
     pub fn queue(&mut self, stream: OutputStream, data: Vec<u8>) {
-        if data.len() <= MAX_CHUNK_LEN {
+        if data.len() <= SEND_CHUNK_LEN {
             // The common case: the buffer moves on as it is.
             self.queue_piece(stream, data);
             return;
         }
-        for piece in data.chunks(MAX_CHUNK_LEN) {
+        for piece in data.chunks(SEND_CHUNK_LEN) {
             self.queue_piece(stream, piece.to_vec());
         }
     }

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentlab_protocol::{MAX_CHUNK_LEN, OutputStream};
+use agentlab_protocol::{OutputStream, SEND_CHUNK_LEN};
 use agentlab_redact::Redactor;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ const CHECK_CLOSED: Duration = Duration::from_millis(250);
 /// Buffers the pool keeps: the window's worth and a little more.
 const POOL_KEEPS: usize = 96;
 
-/// Redacted output from one read, in pieces of at most [`MAX_CHUNK_LEN`] bytes unless
+/// Redacted output from one read, in pieces of at most [`SEND_CHUNK_LEN`] bytes unless
 /// redaction grew them. One hand-off (and one wake-up of the sender) per read.
 pub type Pieces = (OutputStream, Vec<Vec<u8>>);
 
@@ -36,12 +36,12 @@ impl ChunkPool {
     /// An empty buffer with room for a chunk.
     pub fn take(&self) -> Vec<u8> {
         let reused = self.0.lock().ok().and_then(|mut pool| pool.pop());
-        reused.unwrap_or_else(|| Vec::with_capacity(MAX_CHUNK_LEN))
+        reused.unwrap_or_else(|| Vec::with_capacity(SEND_CHUNK_LEN))
     }
 
     /// Returns a buffer whose contents are no longer needed.
     pub fn give(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < MAX_CHUNK_LEN {
+        if buf.capacity() < SEND_CHUNK_LEN {
             return;
         }
         buf.clear();
@@ -103,7 +103,7 @@ fn read_pipe(pipe: &OwnedFd, stream: OutputStream, redactor: &Redactor, pool: &C
             Err(_) => break,
         };
         let pieces = input[..n]
-            .chunks(MAX_CHUNK_LEN)
+            .chunks(SEND_CHUNK_LEN)
             .map(|piece| {
                 let mut out = pool.take();
                 redact.push(piece, &mut out);
@@ -157,7 +157,7 @@ mod tests {
         while let Some((stream, pieces)) = rx.blocking_recv() {
             assert_eq!(stream, OutputStream::Stderr);
             for piece in pieces {
-                assert!(!piece.is_empty() && piece.len() <= MAX_CHUNK_LEN, "a piece of {} bytes", piece.len());
+                assert!(!piece.is_empty() && piece.len() <= SEND_CHUNK_LEN, "a piece of {} bytes", piece.len());
                 got.extend_from_slice(&piece);
             }
         }
@@ -198,7 +198,7 @@ mod tests {
     fn the_pool_hands_back_cleared_chunk_buffers_and_keeps_a_bounded_number() {
         let pool = ChunkPool::default();
         let mut buf = pool.take();
-        assert!(buf.capacity() >= MAX_CHUNK_LEN);
+        assert!(buf.capacity() >= SEND_CHUNK_LEN);
         buf.extend_from_slice(b"old output");
         let address = buf.as_ptr();
         pool.give(buf);
@@ -207,7 +207,7 @@ mod tests {
         pool.give(Vec::with_capacity(16));
         assert_eq!(pool.0.lock().unwrap().len(), 0, "a buffer too small for a chunk is not kept");
         for _ in 0..POOL_KEEPS + 10 {
-            pool.give(Vec::with_capacity(MAX_CHUNK_LEN));
+            pool.give(Vec::with_capacity(SEND_CHUNK_LEN));
         }
         assert_eq!(pool.0.lock().unwrap().len(), POOL_KEEPS);
     }

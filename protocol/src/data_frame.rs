@@ -47,7 +47,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{MAX_FRAME_LEN, encode_message};
+    use crate::{MAX_DATA_HEAD_LEN, MAX_FRAME_LEN, SEND_CHUNK_LEN, encode_message};
 
     fn joined(message: DataMessage, data: &[u8]) -> Vec<u8> {
         let mut frame = message.frame_head(data.len()).unwrap();
@@ -68,6 +68,22 @@ mod tests {
                 assert_eq!(joined(chunk, &data), encode_message(&whole).unwrap(), "artifact, {len} bytes, seq {seq}");
             }
         }
+    }
+
+    #[test]
+    fn a_send_chunk_with_its_head_fits_one_vsock_packet_whatever_the_sequence_number() {
+        for seq in [0, u64::MAX] {
+            for message in
+                [DataMessage::Output { seq, stream: OutputStream::Stdout }, DataMessage::ArtifactChunk { seq }]
+            {
+                let head = message.frame_head(SEND_CHUNK_LEN).unwrap().len();
+                assert!(head <= MAX_DATA_HEAD_LEN, "{message:?}: a head of {head} bytes");
+                assert!(head + SEND_CHUNK_LEN <= 64 * 1024, "{message:?}: over one packet");
+            }
+        }
+        // The largest head, for the record: 4 (length) + 1 (variant) + 10 (seq) + 1 (stream) + 3 (data length).
+        let widest = DataMessage::Output { seq: u64::MAX, stream: OutputStream::Stderr };
+        assert_eq!(widest.frame_head(SEND_CHUNK_LEN).unwrap().len(), 19);
     }
 
     #[test]

@@ -50,6 +50,15 @@ pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk in a streamed transfer (output, workdir upload): 64 KiB.
 pub const MAX_CHUNK_LEN: usize = 64 * 1024;
 
+/// The most bytes a data frame carries before its data: the frame header and the
+/// message's fields up to the data's length (pinned by a test).
+pub const MAX_DATA_HEAD_LEN: usize = 32;
+
+/// The data a sender puts in one chunk: with its head, a frame fits one virtio-vsock
+/// packet (at most 64 KiB). A whole [`MAX_CHUNK_LEN`] would spill a few bytes into a
+/// packet of their own, each with its own round of the device and credit.
+pub const SEND_CHUNK_LEN: usize = MAX_CHUNK_LEN - MAX_DATA_HEAD_LEN;
+
 /// How many chunks a sender may have in flight before it waits for an acknowledgement.
 ///
 /// Together with [`MAX_CHUNK_LEN`] this bounds what a receiver must buffer (4 MiB) and is

@@ -383,7 +383,7 @@ fn redaction_figures() {
 
 /// Bytes streamed by each throughput figure.
 const STREAM_BYTES: u64 = 128 * 1024 * 1024;
-const THROUGHPUT_RUNS: usize = 3;
+const THROUGHPUT_RUNS: usize = 5;
 
 /// Figure 5: a job's output (guest redaction, acknowledged chunks over hybrid vsock,
 /// host redaction, the job's log file) and an artifact push (tar, SHA-256, chunks,
