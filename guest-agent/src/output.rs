@@ -14,9 +14,12 @@ use agentlab_redact::Redactor;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tokio::sync::mpsc;
 
-/// How much of the job's output one read takes: a pipe this large lets a fast writer
-/// hand over several chunks per wake-up (context switches are dear, under TCG most).
+/// The job's pipes hold this much: a fast writer hands over many chunks per wake-up
+/// (context switches are dear, under TCG most).
 const PIPE_BYTES: usize = 1024 * 1024;
+/// How much one read takes: nearly the pipe (reads of 4 chunks measured 59% of the raw
+/// copy against 71%), in whole chunks, so a read leaves no short chunk behind.
+const READ_BYTES: usize = 16 * SEND_CHUNK_LEN;
 /// How long output that could be the start of a secret is held before it is released.
 const FLUSH_IDLE: Duration = Duration::from_millis(200);
 /// How often an idle reader checks whether anyone still wants its output.
@@ -78,7 +81,7 @@ fn read_pipe(pipe: &OwnedFd, stream: OutputStream, redactor: &Redactor, pool: &C
         pieces.retain(|p| !p.is_empty());
         pieces.is_empty() || tx.blocking_send((stream, pieces)).is_ok()
     };
-    let mut input = vec![0u8; PIPE_BYTES];
+    let mut input = vec![0u8; READ_BYTES];
     loop {
         let wait = if redact.held() > 0 { FLUSH_IDLE } else { CHECK_CLOSED };
         let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
@@ -165,6 +168,34 @@ mod tests {
         thread.join().unwrap();
         assert_eq!(got, Redactor::new([SECRET]).redact_all(&text));
         assert!(!got.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()));
+    }
+
+    #[test]
+    fn a_full_pipe_is_read_in_whole_chunks() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        // SAFETY: fcntl on a descriptor this test owns; no memory is passed.
+        assert_eq!(
+            unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) },
+            PIPE_BYTES as i32
+        );
+        let mut pipe = std::fs::File::from(write_end);
+        pipe.write_all(&vec![b'x'; READ_BYTES + 400]).unwrap();
+        drop(pipe);
+        let (tx, mut rx) = mpsc::channel(4);
+        let thread = spawn_reader(
+            read_end,
+            OutputStream::Stdout,
+            Redactor::new(Vec::<Vec<u8>>::new()),
+            ChunkPool::default(),
+            tx,
+        )
+        .unwrap();
+        let mut sizes = Vec::new();
+        while let Some((_, pieces)) = rx.blocking_recv() {
+            sizes.push(pieces.iter().map(Vec::len).collect::<Vec<_>>());
+        }
+        thread.join().unwrap();
+        assert_eq!(sizes, [vec![SEND_CHUNK_LEN; 16], vec![400]]);
     }
 
     #[test]
