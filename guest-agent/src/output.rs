@@ -174,10 +174,8 @@ mod tests {
     fn a_full_pipe_is_read_in_whole_chunks() {
         let (read_end, write_end) = nix::unistd::pipe().unwrap();
         // SAFETY: fcntl on a descriptor this test owns; no memory is passed.
-        assert_eq!(
-            unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) },
-            PIPE_BYTES as i32
-        );
+        let size = unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) };
+        assert_eq!(size, PIPE_BYTES as i32, "the whole write must fit the pipe");
         let mut pipe = std::fs::File::from(write_end);
         pipe.write_all(&vec![b'x'; READ_BYTES + 400]).unwrap();
         drop(pipe);
