@@ -205,6 +205,7 @@ impl Daemon {
         let Some(entry) = live.get(job_id) else {
             return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
         };
+        let collecting = *entry.phase.borrow() == runner::COLLECTING_ARTIFACTS;
         let first = entry.cancel.send_if_modified(|current| {
             if current.is_some() {
                 return false;
@@ -218,6 +219,7 @@ impl Daemon {
         }
         Ok(match job.state {
             JobState::Queued => format!("job {job_id} is cancelled before it starts"),
+            _ if collecting => format!("job {job_id} has finished; its artifact push is stopped and nothing is stored"),
             _ => format!(
                 "job {job_id} is being stopped: SIGTERM now, SIGKILL after {} s",
                 self.config.kill_grace.as_secs()

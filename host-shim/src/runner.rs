@@ -508,7 +508,7 @@ async fn run_session(
             crate::crashpoint::here("result-received");
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &mut listener };
-            job.phase.send_replace("collecting artifacts");
+            job.phase.send_replace(COLLECTING_ARTIFACTS);
             collecting.artifacts(&redactor, vm).await;
             daemon.metrics.job_ran(Duration::from_millis(result.duration_ms));
             let cancel_reason = job.cancelled.borrow().clone();
@@ -583,6 +583,8 @@ fn signal_name(signal: i32) -> String {
     nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned())
 }
 
+/// The phase between a job's result and its teardown, in which a cancel stops the push.
+pub const COLLECTING_ARTIFACTS: &str = "collecting artifacts";
 /// How long the guest may take to push its artifacts.
 const ARTIFACT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a restarted agentlabd waits for a running sandbox's agent to dial back in
@@ -617,13 +619,21 @@ impl Collecting<'_, '_> {
             Err(e) => return self.event("artifacts.failed", &format!("cannot create {}: {e}", part.display())),
         };
         let (daemon, job) = (self.daemon, self.job);
+        let mut cancelled = job.cancelled.clone();
+        // A cancel that stopped the job has had its answer; only a new one stops the push.
+        cancelled.borrow_and_update();
+        let failed = |msg: String| ("artifacts.failed", msg);
         let collected = tokio::select! {
             biased;
             r = tokio::time::timeout(ARTIFACT_TIMEOUT, self.session.collect_artifacts(request, &mut sink, &mut *self.observer)) => match r {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("the artifacts did not arrive within {} s", ARTIFACT_TIMEOUT.as_secs())),
+                Ok(r) => r.map_err(|e| failed(e.to_string())),
+                Err(_) => Err(failed(format!("the artifacts did not arrive within {} s", ARTIFACT_TIMEOUT.as_secs()))),
             },
-            exit = vm.exited() => Err(format!("the VM stopped while pushing artifacts: {}", exit.description)),
+            exit = vm.exited() => Err(failed(format!("the VM stopped while pushing artifacts: {}", exit.description))),
+            Ok(()) = cancelled.changed() => {
+                let why = cancelled.borrow().clone().unwrap_or_default();
+                Err(("artifacts.cancelled", format!("{why} while the guest pushed its artifacts; none were stored")))
+            },
             never = refuse_further_sessions(&mut *self.listener, &daemon.store, &job.job_id, &job.sandbox_id) => match never {},
         };
         drop(sink);
@@ -638,7 +648,7 @@ impl Collecting<'_, '_> {
                 }
                 self.store(&part, &job_dir.join("artifacts"), max_bytes, redactor).await;
             }
-            Err(msg) => self.event("artifacts.failed", &msg),
+            Err((kind, msg)) => self.event(kind, &msg),
         }
         let _ = std::fs::remove_file(&part);
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agentlab_protocol::{
     Capabilities, GuestMessage, Hello, HostMessage, OutputChunk, OutputStream, decode_message, encode_message,
 };
-use agentlab_tests::{Daemon, describe, host_kernel, image_dir};
+use agentlab_tests::{Daemon, describe, event_messages, host_kernel, image_dir};
 use serde_json::Value;
 
 /// The image's kernel release, which the guest's `uname -r` prints. It is checked to
@@ -378,7 +378,7 @@ fn a_second_connection_to_the_agent_port_is_refused_and_recorded() {
         "{reason}"
     );
     let job = d.wait_for_job_end(&job_id);
-    let refused = agentlab_tests::event_messages(&job, "channel.refused");
+    let refused = event_messages(&job, "channel.refused");
     let sandbox = job["sandbox_id"].as_str().unwrap();
     let reason =
         format!("sandbox {sandbox} already has its agent session; a second connection to the agent port is refused");
@@ -490,7 +490,7 @@ fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
 
     let job = d.wait_for_job_end(&job_id);
     assert_eq!(job["state"], "COMPLETED");
-    let rejected = agentlab_tests::event_messages(&job, "artifacts.rejected");
+    let rejected = event_messages(&job, "artifacts.rejected");
     assert_eq!(
         rejected,
         [
@@ -624,6 +624,46 @@ fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
         String::from_utf8_lossy(&again.stderr),
         format!("agentlab: invalid: job {id} has already finished (FAILED)\n")
     );
+}
+
+/// A cancel that comes while the guest pushes its artifacts stops the push at once:
+/// the job's own result stands, nothing half-pushed is stored, and the event says why.
+#[test]
+fn cancel_during_the_artifact_push_stops_it_and_stores_nothing() {
+    let d = Daemon::start();
+    // 300 MiB takes seconds to push under TCG, time enough to cancel mid-way.
+    let cmd = "mkdir -p out && dd if=/dev/zero of=out/big.bin bs=1M count=300 2>/dev/null && echo written";
+    let out = d.cli(&["--json", "job", "submit", "--cmd", cmd]);
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = ids["job_id"].as_str().unwrap();
+    let mut follow = std::process::Command::new(agentlab_tests::bin("agentlab"))
+        .args(["--socket", d.socket.to_str().unwrap(), "logs", id, "--follow"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut phases = std::io::BufReader::new(follow.stderr.take().unwrap());
+    let mut line = String::new();
+    while line.trim_end() != "agentlab: collecting artifacts" {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut phases, &mut line).unwrap();
+        assert!(n > 0, "the follow ended before the artifact phase: {}", d.job_json(id));
+    }
+    let out = d.cli(&["job", "cancel", id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout_of(&out), format!("job {id} has finished; its artifact push is stopped and nothing is stored\n"));
+    let job = d.wait_for_job_end(id);
+    follow.wait().unwrap();
+    assert_eq!((job["state"].as_str(), job["exit_code"].as_i64()), (Some("COMPLETED"), Some(0)), "{job}");
+    assert_eq!(
+        event_messages(&job, "artifacts.cancelled"),
+        ["cancelled (agentlab job cancel) while the guest pushed its artifacts; none were stored"]
+    );
+    assert_eq!(event_messages(&job, "artifacts.stored"), Vec::<&str>::new());
+    let listed: Value = serde_json::from_slice(&d.cli(&["--json", "job", "artifacts", id]).stdout).unwrap();
+    assert_eq!(listed, serde_json::json!([]));
+    assert!(!d.state.path().join("jobs").join(id).join("artifacts").exists());
+    assert_cleaned_up(&d, &job);
 }
 
 fn wait_for_running(d: &Daemon, job_id: &str) {
