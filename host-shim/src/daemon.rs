@@ -206,12 +206,14 @@ impl Daemon {
             return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
         };
         let collecting = *entry.phase.borrow() == runner::COLLECTING_ARTIFACTS;
-        let first = entry.cancel.send_if_modified(|current| {
-            if current.is_some() {
-                return false;
+        let mut first = false;
+        entry.cancel.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason.to_owned());
+                first = true;
             }
-            *current = Some(reason.to_owned());
-            true
+            // During the artifact push even a repeated cancel is news: it stops the push.
+            first || collecting
         });
         drop(live);
         if first {

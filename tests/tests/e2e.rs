@@ -626,35 +626,36 @@ fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
     );
 }
 
-/// A cancel that comes while the guest pushes its artifacts stops the push at once:
-/// the job's own result stands, nothing half-pushed is stored, and the event says why.
-#[test]
-fn cancel_during_the_artifact_push_stops_it_and_stores_nothing() {
-    let d = Daemon::start();
-    // 300 MiB takes seconds to push under TCG, time enough to cancel mid-way.
-    let cmd = "mkdir -p out && dd if=/dev/zero of=out/big.bin bs=1M count=300 2>/dev/null && echo written";
-    let out = d.cli(&["--json", "job", "submit", "--cmd", cmd]);
-    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let id = ids["job_id"].as_str().unwrap();
+/// 300 MiB to push: seconds under TCG, time enough to cancel mid-way.
+const BIG_ARTIFACT: &str = "mkdir -p out && dd if=/dev/zero of=out/big.bin bs=1M count=300 2>/dev/null && echo written";
+
+/// Follows the job's phases until `phase` (as the CLI prints it) begins.
+fn follow_until_phase(d: &Daemon, id: &str, phase: &str) -> std::process::Child {
     let mut follow = std::process::Command::new(agentlab_tests::bin("agentlab"))
         .args(["--socket", d.socket.to_str().unwrap(), "logs", id, "--follow"])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut phases = std::io::BufReader::new(follow.stderr.take().unwrap());
     let mut line = String::new();
-    while line.trim_end() != "agentlab: collecting artifacts" {
+    while line.trim_end() != format!("agentlab: {phase}") {
         line.clear();
         let n = std::io::BufRead::read_line(&mut phases, &mut line).unwrap();
-        assert!(n > 0, "the follow ended before the artifact phase: {}", d.job_json(id));
+        assert!(n > 0, "the follow ended before {phase}: {}", d.job_json(id));
     }
+    follow
+}
+
+/// Cancels `id` in the artifact push and checks that nothing of it was stored.
+fn cancel_the_push(d: &Daemon, id: &str) -> Value {
+    let follow = follow_until_phase(d, id, "collecting artifacts");
     let out = d.cli(&["job", "cancel", id]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(stdout_of(&out), format!("job {id} has finished; its artifact push is stopped and nothing is stored\n"));
     let job = d.wait_for_job_end(id);
-    follow.wait().unwrap();
-    assert_eq!((job["state"].as_str(), job["exit_code"].as_i64()), (Some("COMPLETED"), Some(0)), "{job}");
+    let followed = follow.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), "written\n");
     assert_eq!(
         event_messages(&job, "artifacts.cancelled"),
         ["cancelled (agentlab job cancel) while the guest pushed its artifacts; none were stored"]
@@ -663,7 +664,38 @@ fn cancel_during_the_artifact_push_stops_it_and_stores_nothing() {
     let listed: Value = serde_json::from_slice(&d.cli(&["--json", "job", "artifacts", id]).stdout).unwrap();
     assert_eq!(listed, serde_json::json!([]));
     assert!(!d.state.path().join("jobs").join(id).join("artifacts").exists());
-    assert_cleaned_up(&d, &job);
+    assert_cleaned_up(d, &job);
+    job
+}
+
+/// A cancel that comes while the guest pushes its artifacts stops the push at once:
+/// the job's own result stands, nothing half-pushed is stored, and the event says why.
+#[test]
+fn cancel_during_the_artifact_push_stops_it_and_stores_nothing() {
+    let d = Daemon::start();
+    let out = d.cli(&["--json", "job", "submit", "--cmd", BIG_ARTIFACT]);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_owned();
+    let job = cancel_the_push(&d, &id);
+    assert_eq!((job["state"].as_str(), job["exit_code"].as_i64()), (Some("COMPLETED"), Some(0)), "{job}");
+}
+
+/// A job cancelled while it ran still pushes its artifacts; cancelling it again stops that.
+#[test]
+fn a_second_cancel_stops_the_push_of_a_cancelled_job() {
+    let d = Daemon::start();
+    let cmd = format!("{BIG_ARTIFACT}; sleep 600");
+    let out = d.cli(&["--json", "job", "submit", "--cmd", &cmd]);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_owned();
+    let mut follow = follow_until_phase(&d, &id, "running");
+    let mut written = [0u8; 8];
+    follow.stdout.take().unwrap().read_exact(&mut written).unwrap();
+    assert_eq!(&written, b"written\n");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    assert!(d.cli(&["job", "cancel", &id]).status.success());
+    let job = cancel_the_push(&d, &id);
+    assert_eq!((job["state"].as_str(), job["signal"].as_i64()), (Some("FAILED"), Some(15)), "{job}");
+    assert_eq!(job["error"], "cancelled (agentlab job cancel); stopped with SIGTERM");
 }
 
 fn wait_for_running(d: &Daemon, job_id: &str) {
