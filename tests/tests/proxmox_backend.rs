@@ -320,8 +320,11 @@ async fn a_failing_task_fails_with_its_exit_status_and_log_and_leaves_no_vm() {
         "{e}"
     );
     assert!(e.contains("--- task log (last lines) ---\nTASK ERROR: command 'lvcreate' failed"), "{e}");
-    // Proxmox removes a failed clone's VM itself; nothing is left.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Proxmox removes a failed clone's VM itself (as the task ends); nothing is left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !standin.vms().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(standin.vms(), vec![]);
 }
 
