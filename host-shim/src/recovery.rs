@@ -1,7 +1,8 @@
 //! What a starting agentlabd does with what an earlier one, killed, left behind. A
 //! job whose sandbox still runs is taken back: its agent re-dials and sends what was
-//! not stored yet (see `runner::resume`). Everything else in flight is failed with the
-//! reason, and every VM no job needs is destroyed.
+//! not stored yet (see `runner::resume`); a Proxmox VM is first looked up through the
+//! API, once the daemon serves. Everything else in flight is failed with the reason,
+//! and every VM no job needs is destroyed (on Proxmox, by the reconciler).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,12 +24,20 @@ impl Daemon {
         for job_id in &jobs {
             let job = self.store.job(job_id)?;
             let sandbox = self.store.sandbox(&job.sandbox_id)?;
+            let job_sandbox = sandbox.id.clone();
             // Only a job that started can be taken back: its agent holds it. One that
             // had not (even with its agent connected) never will.
             let in_session = job.state == JobState::Running;
+            let is_proxmox = sandbox.backend == proxmox::BACKEND_NAME;
+            if in_session && is_proxmox {
+                // Where the VM is and whether it runs takes the API: asked once serving.
+                self.take_back_when_found(job, sandbox);
+                resumed.insert(job_sandbox);
+                continue;
+            }
             let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
                 // A Proxmox VM is the reconciler's: it destroys it, then marks the sandbox.
-                _ if sandbox.backend == proxmox::BACKEND_NAME => {
+                _ if is_proxmox => {
                     "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
                         .to_owned()
                 }
@@ -67,6 +76,29 @@ impl Daemon {
         }
         self.backend.discard_unrecorded(&resumed);
         Ok(())
+    }
+
+    /// Finds the job's VM through the backend's API, then carries on with the job in
+    /// it; if the VM is gone or not running, fails the job with why (the reconciler
+    /// destroys whatever is left).
+    fn take_back_when_found(self: &Arc<Self>, job: JobView, sandbox: SandboxView) {
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let reason = match daemon.backend.reattach(&sandbox.id).await {
+                Ok(vm) => match daemon.take_back(&job, &sandbox, vm) {
+                    Ok(()) => return,
+                    Err(reason) => reason,
+                },
+                Err(why) => format!("agentlabd restarted and cannot take the job back: {why}"),
+            };
+            let end = JobEnd { error: Some(reason.clone()), ..JobEnd::default() };
+            let _ = daemon.store.transition_job(&job.id, JobState::Failed, Some(&end), Some(&reason));
+            if let Ok(view) = daemon.store.sandbox(&sandbox.id)
+                && view.state.can_become(SandboxState::Failed)
+            {
+                let _ = daemon.store.transition_sandbox(&sandbox.id, SandboxState::Failed, Some(&reason));
+            }
+        });
     }
 
     /// Starts carrying on with `job` in its running sandbox.

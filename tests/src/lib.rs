@@ -147,8 +147,18 @@ impl Daemon {
 
     /// Like [`Daemon::kill_and_restart`], the new daemon started with `extra` arguments.
     pub fn kill_and_restart_with(&mut self, extra: &[&str]) {
+        self.kill();
+        self.restart_with(extra);
+    }
+
+    /// `kill -9` of the daemon; [`Self::restart_with`] starts the next one.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Starts a daemon on the same state after [`Self::kill`].
+    pub fn restart_with(&mut self, extra: &[&str]) {
         self.child = spawn_daemon(self.state.path(), extra, &[]);
     }
 

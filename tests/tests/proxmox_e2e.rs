@@ -269,33 +269,22 @@ fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagge
 
 /// Proxmox VMs outlive a killed daemon: the restarted one fails the job with the
 /// reason, and its reconciler destroys the VM and settles the sandbox.
-#[test]
-fn after_a_daemon_crash_the_restarted_daemon_fails_the_job_and_reconciles_its_vm_away() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
-    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
-    let args = daemon_args(&standin, &options, dir.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::start_with(&args);
-    let out = d.cli(&["--json", "job", "submit", "--cmd", "sleep 60"]);
+/// Submits `cmd` and waits until it runs; returns (job id, sandbox id).
+fn submit_and_wait_running(d: &Daemon, cmd: &str) -> (String, String) {
+    let out = d.cli(&["--json", "job", "submit", "--cmd", cmd]);
     assert!(out.status.success(), "{}", describe(&out));
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let (job_id, sandbox_id) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while d.job_json(job_id)["state"] != "RUNNING" {
         assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(standin.vms().len(), 1);
+    (job_id.to_owned(), sandbox_id.to_owned())
+}
 
-    d.kill_and_restart_with(&args);
-    let job = d.job_json(job_id);
-    assert_eq!(job["state"], "FAILED");
-    assert_eq!(
-        job["error"],
-        "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
-    );
+/// Waits until the sandbox is DESTROYED and the stand-in has no VM left.
+fn wait_until_destroyed(d: &Daemon, standin: &StandIn, sandbox_id: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let sandboxes: Value = serde_json::from_slice(&d.cli(&["--json", "sandbox", "list"]).stdout).unwrap();
@@ -306,8 +295,66 @@ fn after_a_daemon_crash_the_restarted_daemon_fails_the_job_and_reconciles_its_vm
         assert!(Instant::now() < deadline, "VMs {:?}, sandbox {sb}\n{}", standin.vms(), d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let job = d.job_json(job_id);
-    assert!(job["events"].as_array().unwrap().iter().any(|e| e["kind"] == "vm.orphan_destroyed"), "{job}");
+}
+
+/// `kill -9` of agentlabd mid-job: the restarted daemon finds the job's VM through the
+/// API, the real agent re-dials, and the job ends with every line of its output once.
+#[test]
+fn after_a_daemon_crash_the_restarted_daemon_takes_the_proxmox_job_back() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        guest: GuestMode::Boot { hybrid_dir: dir.path().join("vsock"), image_dir: image_dir() },
+        ..Options::default()
+    };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let args = daemon_args(&standin, &options, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_with(&args);
+    let (job_id, sandbox_id) = submit_and_wait_running(&d, "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done");
+    std::thread::sleep(Duration::from_millis(500));
+
+    d.kill_and_restart_with(&args);
+    let job = d.wait_for_job_end(&job_id);
+    assert_eq!(job["state"], "COMPLETED", "{job:#}\n{}", d.log());
+    let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
+    let logs = d.cli(&["logs", &job_id]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), expected);
+    let resuming = agentlab_tests::event_messages(&job, "job.resuming");
+    assert_eq!(resuming.len(), 1, "{job:#}");
+    assert!(resuming[0].starts_with("agentlabd restarted; waiting for the agent to dial back in"), "{resuming:?}");
+    wait_until_destroyed(&d, &standin, &sandbox_id);
+    assert_eq!(standin.validation_failures(), Vec::<String>::new());
+}
+
+/// A Proxmox VM that is gone when agentlabd comes back: the job fails with that reason
+/// at once, and the reconciler settles the sandbox.
+#[test]
+fn after_a_daemon_crash_a_job_whose_vm_went_fails_with_the_reason() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
+    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let args = daemon_args(&standin, &options, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_with(&args);
+    let (job_id, sandbox_id) = submit_and_wait_running(&d, "sleep 60");
+    assert_eq!(standin.vms().len(), 1);
+
+    d.kill();
+    // Deleted outside AgentLab while agentlabd was down.
+    let vmid = standin.vms()[0].vmid;
+    standin.shared.lock().vms.remove(&vmid);
+    d.restart_with(&args);
+    let job = d.wait_for_job_end(&job_id);
+    assert_eq!(job["state"], "FAILED");
+    assert_eq!(
+        job["error"],
+        format!(
+            "agentlabd restarted and cannot take the job back: no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"
+        )
+    );
+    wait_until_destroyed(&d, &standin, &sandbox_id);
 }
 
 /// Tasks that end `WARNINGS: N` succeed, and their warnings land in the job's record.

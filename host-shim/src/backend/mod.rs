@@ -73,6 +73,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Like [`Self::adopt`], for a backend that has to ask where the VM is and whether
+    /// it still runs (Proxmox); the error says why the VM cannot be taken back.
+    async fn reattach(&self, sandbox_id: &str) -> Result<Box<dyn Sandbox>, String> {
+        self.adopt(sandbox_id).ok_or_else(|| "its sandbox did not survive".to_owned())
+    }
+
     /// Gets rid of whatever is left of a sandbox no job needs any more.
     fn discard(&self, _sandbox_id: &str) {}
 

@@ -155,6 +155,10 @@ impl Backend for ProxmoxBackend {
         Ok(())
     }
 
+    async fn reattach(&self, sandbox_id: &str) -> Result<Box<dyn Sandbox>, String> {
+        Ok(Box::new(self.inner.clone().running_vm_of(sandbox_id).await?))
+    }
+
     async fn provision(&self, req: &ProvisionRequest) -> Result<Box<dyn Sandbox>, BackendError> {
         let inner = self.inner.clone();
         let sandbox = inner.create(req).await?;
@@ -163,6 +167,49 @@ impl Backend for ProxmoxBackend {
 }
 
 impl Inner {
+    /// The running VM tagged with `sandbox_id`, which an earlier, killed daemon left.
+    async fn running_vm_of(self: Arc<Self>, sandbox_id: &str) -> Result<ProxmoxSandbox, String> {
+        let op = format!("finding sandbox {sandbox_id}'s VM");
+        let resources = self
+            .client
+            .call(&op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())])
+            .await
+            .map_err(|e| e.to_string())?;
+        let tagged = |v: &&Value| {
+            let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
+            sandbox_of(tags).as_deref() == Some(sandbox_id) && v.get("template").and_then(Value::as_u64) != Some(1)
+        };
+        let entry = vm_entries(&resources)
+            .find(tagged)
+            .ok_or_else(|| format!("no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"))?;
+        let (Some(vmid), Some(node)) = (vmid_of(entry), entry.get("node").and_then(Value::as_str)) else {
+            return Err(format!("the listing of sandbox {sandbox_id}'s VM has no vmid or node: {entry}"));
+        };
+        let status = entry.get("status").and_then(Value::as_str).unwrap_or("in an unknown state");
+        if status != "running" {
+            return Err(format!("its VM {vmid} on node {node} is {status}"));
+        }
+        let number = |key: &str| entry.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let hybrid_dir = match (&self.config.channel, &self.config.hybrid_dir) {
+            (ChannelMode::Hybrid, Some(dir)) => Some(dir.join(format!("vm-{vmid}"))),
+            _ => None,
+        };
+        Ok(ProxmoxSandbox {
+            inner: self.clone(),
+            node: node.to_owned(),
+            vmid,
+            cores: u32::try_from(number("maxcpu")).unwrap_or(0),
+            memory_mb: u32::try_from(number("maxmem") >> 20).unwrap_or(0),
+            sandbox_id: sandbox_id.to_owned(),
+            hybrid_dir,
+            exit: None,
+            // Proxmox counts a running VM's memory itself.
+            pending_released: true,
+            warnings: Vec::new(),
+            started_at: Some(tokio::time::Instant::now()),
+        })
+    }
+
     fn task_timeout(&self) -> Duration {
         Duration::from_secs(self.config.task_timeout_secs)
     }
