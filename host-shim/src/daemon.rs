@@ -205,7 +205,8 @@ impl Daemon {
         let Some(entry) = live.get(job_id) else {
             return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
         };
-        let collecting = *entry.phase.borrow() == runner::COLLECTING_ARTIFACTS;
+        let phase = *entry.phase.borrow();
+        let collecting = phase == runner::COLLECTING_ARTIFACTS;
         let mut first = false;
         entry.cancel.send_if_modified(|current| {
             if current.is_none() {
@@ -222,6 +223,12 @@ impl Daemon {
         Ok(match job.state {
             JobState::Queued => format!("job {job_id} is cancelled before it starts"),
             _ if collecting => format!("job {job_id} has finished; its artifact push is stopped and nothing is stored"),
+            _ if phase == runner::STORING_ARTIFACTS => {
+                format!("job {job_id} has finished and its artifacts are in; nothing is left to stop")
+            }
+            _ if phase == runner::TEARING_DOWN => {
+                format!("job {job_id} has finished; its sandbox is being torn down")
+            }
             _ => format!(
                 "job {job_id} is being stopped: SIGTERM now, SIGKILL after {} s",
                 self.config.kill_grace.as_secs()

@@ -24,20 +24,19 @@ impl Daemon {
         for job_id in &jobs {
             let job = self.store.job(job_id)?;
             let sandbox = self.store.sandbox(&job.sandbox_id)?;
-            let job_sandbox = sandbox.id.clone();
             // Only a job that started can be taken back: its agent holds it. One that
             // had not (even with its agent connected) never will.
             let in_session = job.state == JobState::Running;
             let is_proxmox = sandbox.backend == proxmox::BACKEND_NAME;
-            if in_session && is_proxmox {
-                // Where the VM is and whether it runs takes the API: asked once serving.
-                self.take_back_when_found(job, sandbox);
-                resumed.insert(job_sandbox);
-                continue;
-            }
-            let reason = match (in_session, self.backend.adopt(&sandbox.id)) {
+            // Where a Proxmox VM is and whether it runs takes the API: asked once serving.
+            let vm = match (in_session, is_proxmox) {
+                (true, true) => Some(Found::Later),
+                (true, false) => self.backend.adopt(&sandbox.id).map(Found::Now),
+                (false, _) => None,
+            };
+            let reason = match (in_session, vm) {
                 // A Proxmox VM is the reconciler's: it destroys it, then marks the sandbox.
-                _ if is_proxmox => {
+                (false, _) if is_proxmox => {
                     "agentlabd stopped while this job was in flight; its VM is left to the reconciler, which destroys it"
                         .to_owned()
                 }
@@ -78,31 +77,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// Finds the job's VM through the backend's API, then carries on with the job in
-    /// it; if the VM is gone or not running, fails the job with why (the reconciler
-    /// destroys whatever is left).
-    fn take_back_when_found(self: &Arc<Self>, job: JobView, sandbox: SandboxView) {
-        let daemon = self.clone();
-        tokio::spawn(async move {
-            let reason = match daemon.backend.reattach(&sandbox.id).await {
-                Ok(vm) => match daemon.take_back(&job, &sandbox, vm) {
-                    Ok(()) => return,
-                    Err(reason) => reason,
-                },
-                Err(why) => format!("agentlabd restarted and cannot take the job back: {why}"),
-            };
-            let end = JobEnd { error: Some(reason.clone()), ..JobEnd::default() };
-            let _ = daemon.store.transition_job(&job.id, JobState::Failed, Some(&end), Some(&reason));
-            if let Ok(view) = daemon.store.sandbox(&sandbox.id)
-                && view.state.can_become(SandboxState::Failed)
-            {
-                let _ = daemon.store.transition_sandbox(&sandbox.id, SandboxState::Failed, Some(&reason));
-            }
-        });
-    }
-
     /// Starts carrying on with `job` in its running sandbox.
-    fn take_back(self: &Arc<Self>, job: &JobView, sandbox: &SandboxView, vm: Box<dyn Sandbox>) -> Result<(), String> {
+    fn take_back(self: &Arc<Self>, job: &JobView, sandbox: &SandboxView, vm: Found) -> Result<(), String> {
         let profile_name = job.profile.as_deref().unwrap_or(DEFAULT_PROFILE);
         let Some(profile) = self.profiles.get(profile_name).cloned() else {
             return Err(format!(
@@ -133,7 +109,17 @@ impl Daemon {
             stored_through.map_or_else(|| "none".to_owned(), |s| s.to_string())
         );
         let _ = self.store.record_event(Some(&job.id), Some(&sandbox.id), "job.resuming", &msg);
-        tokio::spawn(runner::resume(self.clone(), queued, vm, stored_through, admitted));
+        match vm {
+            Found::Now(vm) => tokio::spawn(runner::resume(self.clone(), queued, vm, stored_through, admitted)),
+            Found::Later => tokio::spawn(runner::resume_when_found(self.clone(), queued, stored_through, admitted)),
+        };
         Ok(())
     }
+}
+
+/// A job's VM, as recovery finds it.
+enum Found {
+    Now(Box<dyn Sandbox>),
+    /// To be looked up through the backend's API (Proxmox); the job is live meanwhile.
+    Later,
 }

@@ -212,7 +212,7 @@ async fn teardown(
     let (store, sb) = (&daemon.store, job.sandbox_id.as_str());
     finish.record(store, &job.job_id);
     crate::crashpoint::here("result-stored");
-    job.phase.send_replace("tearing down");
+    job.phase.send_replace(TEARING_DOWN);
     set_sandbox(store, sb, finish.sandbox, Some(&finish.message));
     if let Some(held) = held {
         if job.keepalive && job.cancelled.borrow().is_none() {
@@ -255,6 +255,27 @@ pub async fn resume(
     let (finish, held) = finish;
     let mut finish = teardown(&daemon, &job, vm, finish, held, admitted).await;
     conclude(&daemon, &job, &mut finish);
+}
+
+/// Like [`resume`], for a VM the backend has to look up first (Proxmox, through its
+/// API). The job is live meanwhile: followable, cancellable, counted by admission. A
+/// VM that is gone or stopped fails the job with why; the reconciler destroys the rest.
+pub async fn resume_when_found(daemon: Arc<Daemon>, job: QueuedJob, stored_through: Option<u64>, admitted: Admitted) {
+    job.phase.send_replace("reconnecting");
+    let mut cancelled = job.cancelled.clone();
+    let found = tokio::select! {
+        found = daemon.backend.reattach(&job.sandbox_id) => found,
+        Ok(reason) = cancelled.wait_for(Option::is_some) => Err(reason.clone().unwrap_or_default()),
+    };
+    match found {
+        Ok(vm) => resume(daemon, job, vm, stored_through, admitted).await,
+        Err(why) => {
+            let reason = format!("agentlabd restarted and cannot take the job back: {why}");
+            set_sandbox(&daemon.store, &job.sandbox_id, SandboxState::Failed, Some(&reason));
+            let mut finish = Finish::failed(SandboxState::Failed, reason);
+            conclude(&daemon, &job, &mut finish);
+        }
+    }
 }
 
 async fn resume_session(
@@ -509,7 +530,8 @@ async fn run_session(
             let mut collecting =
                 Collecting { daemon, job, session: &mut session, observer: &mut observer, listener: &mut listener };
             job.phase.send_replace(COLLECTING_ARTIFACTS);
-            collecting.artifacts(&redactor, vm).await;
+            let stopped_by_cancel = matches!(result.outcome, JobOutcome::Cancelled { .. });
+            collecting.artifacts(&redactor, vm, stopped_by_cancel).await;
             daemon.metrics.job_ran(Duration::from_millis(result.duration_ms));
             let cancel_reason = job.cancelled.borrow().clone();
             *held = Some(Held { session, listener });
@@ -585,6 +607,10 @@ fn signal_name(signal: i32) -> String {
 
 /// The phase between a job's result and its teardown, in which a cancel stops the push.
 pub const COLLECTING_ARTIFACTS: &str = "collecting artifacts";
+/// The phase after the push, while the artifacts are unpacked and recorded.
+pub const STORING_ARTIFACTS: &str = "storing artifacts";
+/// The last phase: the job's record is complete, its sandbox goes.
+pub const TEARING_DOWN: &str = "tearing down";
 /// How long the guest may take to push its artifacts.
 const ARTIFACT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a restarted agentlabd waits for a running sandbox's agent to dial back in
@@ -608,7 +634,9 @@ impl Collecting<'_, '_> {
         let _ = self.daemon.store.record_event(Some(&self.job.job_id), Some(&self.job.sandbox_id), kind, message);
     }
 
-    async fn artifacts(&mut self, redactor: &Redactor, vm: &mut dyn Sandbox) {
+    /// Collects and stores the artifacts; `stopped_by_cancel`: the job itself ended by a
+    /// cancel, whose answer was to stop the job, not its artifacts.
+    async fn artifacts(&mut self, redactor: &Redactor, vm: &mut dyn Sandbox, stopped_by_cancel: bool) {
         let wanted = &self.job.profile.artifacts;
         let max_bytes = u64::from(wanted.max_mb) * 1024 * 1024;
         let request = ArtifactRequest { globs: wanted.globs.clone(), max_bytes };
@@ -620,8 +648,14 @@ impl Collecting<'_, '_> {
         };
         let (daemon, job) = (self.daemon, self.job);
         let mut cancelled = job.cancelled.clone();
+        let cancel_only = |why: &str| format!("{why} after the job ended; its artifacts were not collected");
         // A cancel that stopped the job has had its answer; only a new one stops the push.
-        cancelled.borrow_and_update();
+        // One that came after the job ended, before the push, stops it before it starts.
+        if let Some(why) = cancelled.borrow_and_update().clone()
+            && !stopped_by_cancel
+        {
+            return self.event("artifacts.cancelled", &cancel_only(&why));
+        }
         let failed = |msg: String| ("artifacts.failed", msg);
         let collected = tokio::select! {
             biased;
@@ -637,6 +671,8 @@ impl Collecting<'_, '_> {
             never = refuse_further_sessions(&mut *self.listener, &daemon.store, &job.job_id, &job.sandbox_id) => match never {},
         };
         drop(sink);
+        // From here a cancel has nothing left to stop (see `Daemon::cancel_with`).
+        job.phase.send_replace(STORING_ARTIFACTS);
         match collected {
             Ok(None) => self.event(
                 "artifacts.unsupported",

@@ -79,7 +79,8 @@ fn a_job_prints_known_text_from_inside_the_guest_and_exits_zero() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let (progress, job_stderr): (Vec<&str>, Vec<&str>) = stderr.lines().partition(|l| l.starts_with("agentlab: "));
     assert_eq!(job_stderr, ["to-stderr"]);
-    let phases = ["queued", "provisioning", "booting", "running", "collecting artifacts", "tearing down"];
+    let phases =
+        ["queued", "provisioning", "booting", "running", "collecting artifacts", "storing artifacts", "tearing down"];
     let mut expected = phases.iter().map(|p| format!("agentlab: {p}"));
     assert!(!progress.is_empty() && progress.iter().all(|line| expected.any(|p| p == *line)), "{progress:?}");
 
@@ -696,6 +697,35 @@ fn a_second_cancel_stops_the_push_of_a_cancelled_job() {
     let job = cancel_the_push(&d, &id);
     assert_eq!((job["state"].as_str(), job["signal"].as_i64()), (Some("FAILED"), Some(15)), "{job}");
     assert_eq!(job["error"], "cancelled (agentlab job cancel); stopped with SIGTERM");
+}
+
+/// A cancel the job outran (it exited 0 before the guest acted on it): the result
+/// stands, and the artifacts are not collected, since the cancel came after the job.
+#[test]
+fn a_cancel_the_job_outran_skips_its_artifacts() {
+    let d = Daemon::start();
+    let (job_id, mut fake, _) = fake_agent_running(&d, "sleep 60");
+    wait_for_running(&d, &job_id);
+    assert!(d.cli(&["job", "cancel", &job_id]).status.success());
+    assert!(matches!(read_frame(&mut fake), HostMessage::Cancel));
+    let result = agentlab_protocol::JobResult {
+        outcome: agentlab_protocol::JobOutcome::Exited { code: 0 },
+        duration_ms: 5,
+        output_bytes: 0,
+        enforcement: Default::default(),
+    };
+    fake.write_all(&encode_message(&GuestMessage::JobFinished(result)).unwrap()).unwrap();
+    let job = d.wait_for_job_end(&job_id);
+    assert_eq!((job["state"].as_str(), job["exit_code"].as_i64()), (Some("COMPLETED"), Some(0)), "{job}");
+    assert_eq!(
+        event_messages(&job, "artifacts.cancelled"),
+        ["cancelled (agentlab job cancel) after the job ended; its artifacts were not collected"]
+    );
+    // The host never asked for them: what follows the result is the goodbye.
+    assert!(matches!(read_frame(&mut fake), HostMessage::Shutdown));
+    let mut rest = Vec::new();
+    fake.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"");
 }
 
 fn wait_for_running(d: &Daemon, job_id: &str) {

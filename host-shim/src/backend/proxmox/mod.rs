@@ -179,8 +179,11 @@ impl Inner {
             let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
             sandbox_of(tags).as_deref() == Some(sandbox_id) && v.get("template").and_then(Value::as_u64) != Some(1)
         };
+        // A running one first: a stopped leftover with the same tag must not hide it.
+        let running = |v: &&Value| v.get("status").and_then(Value::as_str) == Some("running");
         let entry = vm_entries(&resources)
-            .find(tagged)
+            .filter(tagged)
+            .max_by_key(|v| running(v))
             .ok_or_else(|| format!("no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"))?;
         let (Some(vmid), Some(node)) = (vmid_of(entry), entry.get("node").and_then(Value::as_str)) else {
             return Err(format!("the listing of sandbox {sandbox_id}'s VM has no vmid or node: {entry}"));
