@@ -455,13 +455,7 @@ fn artifacts_round_trip_from_the_guest_with_checksums_verified() {
 fn a_hostile_guests_artifact_tar_cannot_escape_and_is_recorded() {
     let d = Daemon::start();
     let (job_id, mut fake, _) = fake_agent_running(&d, "true");
-    let result = agentlab_protocol::JobResult {
-        outcome: agentlab_protocol::JobOutcome::Exited { code: 0 },
-        duration_ms: 5,
-        output_bytes: 0,
-        enforcement: Default::default(),
-    };
-    fake.write_all(&encode_message(&GuestMessage::JobFinished(result)).unwrap()).unwrap();
+    fake.write_all(&encode_message(&GuestMessage::JobFinished(exited_zero())).unwrap()).unwrap();
     let HostMessage::CollectArtifacts(request) = read_frame(&mut fake) else { panic!("no artifact request") };
     assert_eq!(request.globs, ["out/**", "*.patch"]);
     assert_eq!(request.max_bytes, 512 * 1024 * 1024);
@@ -708,13 +702,7 @@ fn a_cancel_the_job_outran_skips_its_artifacts() {
     wait_for_running(&d, &job_id);
     assert!(d.cli(&["job", "cancel", &job_id]).status.success());
     assert!(matches!(read_frame(&mut fake), HostMessage::Cancel));
-    let result = agentlab_protocol::JobResult {
-        outcome: agentlab_protocol::JobOutcome::Exited { code: 0 },
-        duration_ms: 5,
-        output_bytes: 0,
-        enforcement: Default::default(),
-    };
-    fake.write_all(&encode_message(&GuestMessage::JobFinished(result)).unwrap()).unwrap();
+    fake.write_all(&encode_message(&GuestMessage::JobFinished(exited_zero())).unwrap()).unwrap();
     let job = d.wait_for_job_end(&job_id);
     assert_eq!((job["state"].as_str(), job["exit_code"].as_i64()), (Some("COMPLETED"), Some(0)), "{job}");
     assert_eq!(
@@ -927,6 +915,16 @@ fn fake_agent_running(d: &Daemon, cmd: &str) -> (String, UnixStream, agentlab_pr
     let spec = fake_agent_handshake(&mut fake);
     fake.write_all(&encode_message(&GuestMessage::JobStarted { pid: 42 }).unwrap()).unwrap();
     (job_id, fake, spec)
+}
+
+/// A fake guest's report of a job that exited 0.
+fn exited_zero() -> agentlab_protocol::JobResult {
+    agentlab_protocol::JobResult {
+        outcome: agentlab_protocol::JobOutcome::Exited { code: 0 },
+        duration_ms: 5,
+        output_bytes: 0,
+        enforcement: Default::default(),
+    }
 }
 
 /// Reads one host frame as a fake guest.

@@ -17,6 +17,21 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// A stand-in whose guests are real microVMs with the real agent, sockets in `dir`.
+fn booting_standin(rt: &tokio::runtime::Runtime, dir: &Path) -> (StandIn, Options) {
+    let options = Options {
+        guest: GuestMode::Boot { hybrid_dir: dir.join("vsock"), image_dir: image_dir() },
+        ..Options::default()
+    };
+    (rt.block_on(StandIn::start(options.clone())).unwrap(), options)
+}
+
+/// A stand-in whose guests are instant fake agents, with their sockets in `dir`.
+fn fake_guest_standin(rt: &tokio::runtime::Runtime, dir: &Path) -> (StandIn, Options) {
+    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.join("vsock") }, ..Options::default() };
+    (rt.block_on(StandIn::start(options.clone())).unwrap(), options)
+}
+
 /// Starts agentlabd with the proxmox backend configured for `standin`.
 fn daemon_for(standin: &StandIn, options: &Options, dir: &Path) -> Daemon {
     Daemon::start_with(&daemon_args(standin, options, dir).iter().map(String::as_str).collect::<Vec<_>>())
@@ -34,11 +49,7 @@ fn daemon_args(standin: &StandIn, options: &Options, dir: &Path) -> Vec<String> 
 fn a_job_submitted_with_the_proxmox_backend_runs_in_a_real_microvm_and_its_vm_is_destroyed() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        guest: GuestMode::Boot { hybrid_dir: dir.path().join("vsock"), image_dir: image_dir() },
-        ..Options::default()
-    };
-    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let (standin, options) = booting_standin(&rt, dir.path());
     let d = daemon_for(&standin, &options, dir.path());
     let out = d.cli(&["job", "submit", "--follow", "--cmd", "echo hello-through-proxmox; uname -r; cat /proc/cmdline"]);
     assert_eq!(out.status.code(), Some(0), "{}\n{}", describe(&out), d.log());
@@ -216,8 +227,7 @@ fn fault_soak_200_lifecycles_leave_no_vm_and_every_failure_names_the_injected_fa
 fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagged_vms() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
-    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let (standin, options) = fake_guest_standin(&rt, dir.path());
     standin.plant_vm(100_900, "pve1", "sb-0000000000ff", Some("agentlab;sb-0000000000ff"));
     standin.plant_vm(555, "pve1", "databases", None);
     let d = daemon_for(&standin, &options, dir.path());
@@ -303,11 +313,7 @@ fn wait_until_destroyed(d: &Daemon, standin: &StandIn, sandbox_id: &str) {
 fn after_a_daemon_crash_the_restarted_daemon_takes_the_proxmox_job_back() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        guest: GuestMode::Boot { hybrid_dir: dir.path().join("vsock"), image_dir: image_dir() },
-        ..Options::default()
-    };
-    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let (standin, options) = booting_standin(&rt, dir.path());
     let args = daemon_args(&standin, &options, dir.path());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::start_with(&args);
@@ -333,8 +339,7 @@ fn after_a_daemon_crash_the_restarted_daemon_takes_the_proxmox_job_back() {
 fn after_a_daemon_crash_a_job_whose_vm_went_fails_with_the_reason() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let options = Options { guest: GuestMode::Fake { hybrid_dir: dir.path().join("vsock") }, ..Options::default() };
-    let standin = rt.block_on(StandIn::start(options.clone())).unwrap();
+    let (standin, options) = fake_guest_standin(&rt, dir.path());
     let args = daemon_args(&standin, &options, dir.path());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::start_with(&args);
