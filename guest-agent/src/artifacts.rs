@@ -289,14 +289,9 @@ fn copy_data<W: std::io::Write>(
     if let Some(e) = sink.failed.take() {
         return Err(e);
     }
-    let zeros = [0u8; 512];
-    while sink.left > 0 {
-        let n = sink.left.min(512) as usize;
-        sink.out.write_all(&zeros[..n])?;
-        sink.left -= n as u64;
-    }
-    let padding = ((512 - length % 512) % 512) as usize;
-    sink.out.write_all(&zeros[..padding])
+    // What the file lost since it was counted, then the tar block's padding: zeros.
+    let padding = (512 - length % 512) % 512;
+    std::io::copy(&mut std::io::repeat(0).take(sink.left + padding), sink.out).map(drop)
 }
 
 /// A redaction output that writes up to `left` more bytes and drops the rest.

@@ -77,9 +77,10 @@ fn read_pipe(pipe: &OwnedFd, stream: OutputStream, redactor: &Redactor, pool: &C
     unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int) };
     let mut redact = redactor.stream();
     // Whether the receiver took the pieces (empty ones go back to the pool).
-    let send = |mut pieces: Vec<Vec<u8>>| {
-        pieces.retain(|p| !p.is_empty());
-        pieces.is_empty() || tx.blocking_send((stream, pieces)).is_ok()
+    let send = |pieces: Vec<Vec<u8>>| {
+        let (full, empty): (Vec<_>, Vec<_>) = pieces.into_iter().partition(|p| !p.is_empty());
+        empty.into_iter().for_each(|p| pool.give(p));
+        full.is_empty() || tx.blocking_send((stream, full)).is_ok()
     };
     let mut input = vec![0u8; READ_BYTES];
     loop {
@@ -88,9 +89,14 @@ fn read_pipe(pipe: &OwnedFd, stream: OutputStream, redactor: &Redactor, pool: &C
         match poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX)) {
             Ok(0) => {
                 // Idle: what could still be a secret's start goes out as it is.
-                let mut out = pool.take();
-                redact.flush(&mut out);
-                if !send(vec![out]) || tx.is_closed() {
+                if redact.held() > 0 {
+                    let mut out = pool.take();
+                    redact.flush(&mut out);
+                    if !send(vec![out]) {
+                        return;
+                    }
+                }
+                if tx.is_closed() {
                     return;
                 }
                 continue;

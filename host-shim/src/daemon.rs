@@ -198,7 +198,8 @@ impl Daemon {
         self.cancel_with(job_id, "cancelled (agentlab job cancel)")
     }
 
-    /// Cancels a live job with `reason` (kept in its error); a second request is a no-op.
+    /// Cancels a live job with `reason` (kept in its error). A second request keeps the
+    /// first reason; it still wakes the job, which matters only to an artifact push.
     pub(crate) fn cancel_with(&self, job_id: &str, reason: &str) -> Result<String, DaemonError> {
         let job = self.store.job(job_id)?;
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -206,15 +207,12 @@ impl Daemon {
             return Err(DaemonError::Invalid(format!("job {job_id} has already finished ({})", job.state)));
         };
         let phase = *entry.phase.borrow();
-        let collecting = phase == runner::COLLECTING_ARTIFACTS;
         let mut first = false;
-        entry.cancel.send_if_modified(|current| {
+        entry.cancel.send_modify(|current| {
             if current.is_none() {
                 *current = Some(reason.to_owned());
                 first = true;
             }
-            // During the artifact push even a repeated cancel is news: it stops the push.
-            first || collecting
         });
         drop(live);
         if first {
@@ -222,7 +220,9 @@ impl Daemon {
         }
         Ok(match job.state {
             JobState::Queued => format!("job {job_id} is cancelled before it starts"),
-            _ if collecting => format!("job {job_id} has finished; its artifact push is stopped and nothing is stored"),
+            _ if phase == runner::COLLECTING_ARTIFACTS => {
+                format!("job {job_id} has finished; its artifact push is stopped and nothing is stored")
+            }
             _ if phase == runner::STORING_ARTIFACTS => {
                 format!("job {job_id} has finished and its artifacts are in; nothing is left to stop")
             }

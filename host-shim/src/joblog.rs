@@ -67,7 +67,7 @@ impl JobLog {
         let room = self.max_bytes.saturating_sub(stored);
         let needed = (RECORD_HEADER + data.len()) as u64;
         if needed + (RECORD_HEADER + TRUNCATED_MARKER.len()) as u64 > room {
-            if room > 0 && !self.progress.borrow().full {
+            if room > 0 {
                 self.write_record(OutputStream::Stderr, TRUNCATED_MARKER)?;
                 self.progress.send_modify(|p| p.full = true);
             }

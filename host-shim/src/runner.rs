@@ -130,6 +130,12 @@ fn conclude(daemon: &Daemon, job: &QueuedJob, finish: &mut Finish) {
     tracing::info!(job = %job.job_id, state = %finish.job, "{}", finish.message);
 }
 
+/// Why the job is cancelled, once it is; `None` if it no longer can be.
+async fn cancelled_because(job: &QueuedJob) -> Option<String> {
+    let mut cancelled = job.cancelled.clone();
+    cancelled.wait_for(Option::is_some).await.ok().and_then(|reason| reason.clone())
+}
+
 /// Runs the job and tears its sandbox down; returns how it ended.
 async fn drive(daemon: &Arc<Daemon>, job: &QueuedJob) -> Finish {
     let store = &daemon.store;
@@ -262,10 +268,9 @@ pub async fn resume(
 /// VM that is gone or stopped fails the job with why; the reconciler destroys the rest.
 pub async fn resume_when_found(daemon: Arc<Daemon>, job: QueuedJob, stored_through: Option<u64>, admitted: Admitted) {
     job.phase.send_replace("reconnecting");
-    let mut cancelled = job.cancelled.clone();
     let found = tokio::select! {
         found = daemon.backend.reattach(&job.sandbox_id) => found,
-        Ok(reason) = cancelled.wait_for(Option::is_some) => Err(reason.clone().unwrap_or_default()),
+        Some(reason) = cancelled_because(&job) => Err(reason),
     };
     match found {
         Ok(vm) => resume(daemon, job, vm, stored_through, admitted).await,
@@ -345,10 +350,9 @@ async fn admit(daemon: &Daemon, job: &QueuedJob) -> Result<Admitted, String> {
     let on_wait = |why: String| {
         let _ = daemon.store.record_event(Some(&job.job_id), Some(&job.sandbox_id), "job.queued", &why);
     };
-    let mut cancelled = job.cancelled.clone();
     tokio::select! {
         biased;
-        Ok(reason) = cancelled.wait_for(Option::is_some) => Err(format!("{} before it started", reason.clone().unwrap_or_default())),
+        Some(reason) = cancelled_because(job) => Err(format!("{reason} before it started")),
         admitted = daemon.admission.acquire(&job.job_id, need, on_wait) => admitted.map_err(|e| e.to_string()),
     }
 }
@@ -412,11 +416,9 @@ async fn boot_and_run(
     record_warnings(store, job, vm);
 
     let boot_timeout = daemon.config.boot_timeout;
-    let mut cancelled = job.cancelled.clone();
     let stream: BoxedStream = tokio::select! {
         biased;
-        Ok(reason) = cancelled.wait_for(Option::is_some) => {
-            let reason = reason.clone().unwrap_or_default();
+        Some(reason) = cancelled_because(job) => {
             return Finish::failed(SandboxState::Failed, format!("sandbox {sb}: {reason} while it booted"));
         }
         accepted = tokio::time::timeout(boot_timeout, listener.accept()) => match accepted {

@@ -91,6 +91,9 @@ pub struct Daemon {
     pub state: tempfile::TempDir,
     pub socket: PathBuf,
     child: Child,
+    /// The arguments it was started with, which a restart repeats (not its environment,
+    /// so a crash point is not).
+    args: Vec<String>,
 }
 
 /// Starts agentlabd on `state` and waits until it serves its socket.
@@ -137,18 +140,13 @@ impl Daemon {
         let state = tempfile::Builder::new().prefix("agentlab-test-").tempdir().unwrap();
         let socket = state.path().join("agentlabd.sock");
         let child = spawn_daemon(state.path(), extra, envs);
-        Daemon { state, socket, child }
+        Daemon { state, socket, child, args: extra.iter().map(|a| (*a).to_owned()).collect() }
     }
 
     /// SIGKILLs the daemon (no clean-up of any kind) and starts a new one on the same state.
     pub fn kill_and_restart(&mut self) {
-        self.kill_and_restart_with(&[]);
-    }
-
-    /// Like [`Daemon::kill_and_restart`], the new daemon started with `extra` arguments.
-    pub fn kill_and_restart_with(&mut self, extra: &[&str]) {
         self.kill();
-        self.restart_with(extra);
+        self.restart();
     }
 
     /// `kill -9` of the daemon; [`Self::restart_with`] starts the next one.
@@ -157,9 +155,10 @@ impl Daemon {
         self.child.wait().unwrap();
     }
 
-    /// Starts a daemon on the same state after [`Self::kill`].
-    pub fn restart_with(&mut self, extra: &[&str]) {
-        self.child = spawn_daemon(self.state.path(), extra, &[]);
+    /// Starts a daemon on the same state, with the same arguments, after [`Self::kill`].
+    pub fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = spawn_daemon(self.state.path(), &args, &[]);
     }
 
     /// Waits (at most `within`) for the daemon to end by itself, as a crash point ends
@@ -173,7 +172,7 @@ impl Daemon {
             assert!(Instant::now() < deadline, "agentlabd did not reach its crash point:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         };
-        self.child = spawn_daemon(self.state.path(), &[], &[]);
+        self.restart();
         status
     }
 
@@ -341,8 +340,44 @@ impl agentlab_host::channel::SessionObserver for SessionRecord {
 
 /// The messages of a job's events of one kind (from `job show --json`), in order.
 pub fn event_messages<'a>(job: &'a serde_json::Value, kind: &str) -> Vec<&'a str> {
-    let events = job["events"].as_array().map(Vec::as_slice).unwrap_or_default();
-    events.iter().filter(|e| e["kind"] == kind).map(|e| e["message"].as_str().unwrap_or_default()).collect()
+    let events = job["events"].as_array().unwrap_or_else(|| panic!("a job record without events: {job}"));
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .map(|e| e["message"].as_str().unwrap_or_else(|| panic!("a {kind} event without a message: {e}")))
+        .collect()
+}
+
+impl Daemon {
+    /// Submits `cmd` (`job submit --json`) and waits until the job runs; returns its job
+    /// and sandbox ids.
+    pub fn submit_running(&self, cmd: &str) -> (String, String) {
+        let out = self.cli(&["--json", "job", "submit", "--cmd", cmd]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (job_id, sandbox_id) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
+        self.wait_for_running(job_id);
+        (job_id.to_owned(), sandbox_id.to_owned())
+    }
+
+    /// Waits (at most 90 s) until job `job_id` has stored some output.
+    pub fn wait_for_output(&self, job_id: &str) {
+        let log_path = self.state.path().join("jobs").join(job_id).join("output.log");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::fs::metadata(&log_path).map_or(0, |m| m.len()) == 0 {
+            assert!(Instant::now() < deadline, "job {job_id} never printed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most 90 s) until job `job_id` is RUNNING.
+    pub fn wait_for_running(&self, job_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.job_json(job_id)["state"] != "RUNNING" {
+            assert!(Instant::now() < deadline, "the job never ran: {}\n{}", self.job_json(job_id), self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// A job that runs `cmd` under `/bin/sh -c` in `workdir`: no extra environment, no

@@ -604,7 +604,7 @@ fn cancel_stops_a_running_job_and_destroys_its_sandbox() {
     let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = ids["job_id"].as_str().unwrap();
-    wait_for_running(&d, id);
+    d.wait_for_running(id);
     let out = d.cli(&["job", "cancel", id]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(stdout_of(&out), format!("job {id} is being stopped: SIGTERM now, SIGKILL after 5 s\n"));
@@ -699,7 +699,7 @@ fn a_second_cancel_stops_the_push_of_a_cancelled_job() {
 fn a_cancel_the_job_outran_skips_its_artifacts() {
     let d = Daemon::start();
     let (job_id, mut fake, _) = fake_agent_running(&d, "sleep 60");
-    wait_for_running(&d, &job_id);
+    d.wait_for_running(&job_id);
     assert!(d.cli(&["job", "cancel", &job_id]).status.success());
     assert!(matches!(read_frame(&mut fake), HostMessage::Cancel));
     fake.write_all(&encode_message(&GuestMessage::JobFinished(exited_zero())).unwrap()).unwrap();
@@ -714,14 +714,6 @@ fn a_cancel_the_job_outran_skips_its_artifacts() {
     let mut rest = Vec::new();
     fake.read_to_end(&mut rest).unwrap();
     assert_eq!(rest, b"");
-}
-
-fn wait_for_running(d: &Daemon, job_id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while d.job_json(job_id)["state"] != "RUNNING" {
-        assert!(Instant::now() < deadline, "the job never ran: {}", d.job_json(job_id));
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn sandbox_json(d: &Daemon, id: &str) -> Value {
@@ -797,7 +789,7 @@ fn leases_and_destroy_stop_running_jobs_and_prune_ends_kept_sandboxes() {
     let d = Daemon::start_with(&["--lease-check-interval", "200ms"]);
     let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
-    wait_for_running(&d, ids["job_id"].as_str().unwrap());
+    d.wait_for_running(ids["job_id"].as_str().unwrap());
     // The lease ends a second from now, while the job runs.
     assert!(d.cli(&["sandbox", "lease", "renew", ids["sandbox_id"].as_str().unwrap(), "--ttl", "1s"]).status.success());
     let job = d.wait_for_job_end(ids["job_id"].as_str().unwrap());
@@ -808,7 +800,7 @@ fn leases_and_destroy_stop_running_jobs_and_prune_ends_kept_sandboxes() {
     let out = d.cli(&["--json", "job", "submit", "--cmd", "echo started; sleep 600"]);
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let (job_id, sb) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
-    wait_for_running(&d, job_id);
+    d.wait_for_running(job_id);
     let refused = d.cli(&["sandbox", "destroy", sb]);
     assert_eq!(refused.status.code(), Some(125));
     assert_eq!(
@@ -1072,12 +1064,7 @@ fn killing_the_daemon_mid_job_loses_nothing_and_the_restart_takes_the_job_back()
     assert!(out.status.success(), "{}", describe(&out));
     let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
     let job_id = ids["job_id"].as_str().unwrap().to_owned();
-    let log_path = d.state.path().join("jobs").join(&job_id).join("output.log");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while std::fs::metadata(&log_path).map_or(0, |m| m.len()) == 0 {
-        assert!(Instant::now() < deadline, "job never printed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_output(&job_id);
     assert_eq!(d.job_json(&job_id)["state"], "RUNNING");
     assert_eq!(d.processes_using_state().len(), 2, "one QEMU and one vhost-device-vsock while it runs");
 

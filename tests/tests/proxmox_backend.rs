@@ -227,11 +227,13 @@ fn lenient_u64(value: &serde_json::Value) -> Option<u64> {
     value.as_u64().or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
-#[test]
-fn nextid_is_read_leniently() {
-    assert_eq!(lenient_u64(&serde_json::json!(123)), Some(123));
-    assert_eq!(lenient_u64(&serde_json::json!("123")), Some(123));
-    assert_eq!(lenient_u64(&serde_json::json!("x")), None);
+/// Waits (at most 5 s) for the stand-in's VMs to go, then checks none is left.
+async fn wait_until_no_vms(standin: &StandIn) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !standin.vms().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(standin.vms(), vec![]);
 }
 
 /// A PEM CA certificate that did not sign the stand-in's certificate.
@@ -321,11 +323,7 @@ async fn a_failing_task_fails_with_its_exit_status_and_log_and_leaves_no_vm() {
     );
     assert!(e.contains("--- task log (last lines) ---\nTASK ERROR: command 'lvcreate' failed"), "{e}");
     // Proxmox removes a failed clone's VM itself (as the task ends); nothing is left.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !standin.vms().is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(standin.vms(), vec![]);
+    wait_until_no_vms(&standin).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,8 +359,7 @@ async fn vmids_taken_by_other_clients_are_freed_however_the_clone_fails() {
     assert_eq!(e, "Proxmox configuration: every VMID in vmid_range [100000, 100001] is in use: widen it");
     // The other client's VMs go (after 300 ms): both ids are free again.
     standin.set_fault_rate(0.0);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(standin.vms(), vec![]);
+    wait_until_no_vms(&standin).await;
     let a = backend.provision(&request(2)).await.unwrap();
     let b = backend.provision(&request(3)).await.unwrap();
     let mut vmids: Vec<u32> = standin.vms().iter().map(|v| v.vmid).collect();

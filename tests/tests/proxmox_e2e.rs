@@ -231,31 +231,11 @@ fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagge
     standin.plant_vm(100_900, "pve1", "sb-0000000000ff", Some("agentlab;sb-0000000000ff"));
     standin.plant_vm(555, "pve1", "databases", None);
     let d = daemon_for(&standin, &options, dir.path());
-    let out = d.cli(&["--json", "job", "submit", "--cmd", "sleep 60"]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let job_id = ids["job_id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.job_json(job_id)["state"] != "RUNNING" {
-        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let vmid = standin
-        .vms()
-        .iter()
-        .find(|v| v.tags.as_deref() == Some(&format!("agentlab;{}", ids["sandbox_id"].as_str().unwrap())))
-        .unwrap()
-        .vmid;
+    let (job_id, sandbox_id) = d.submit_running("sleep 60");
+    let vmid =
+        standin.vms().iter().find(|v| v.tags.as_deref() == Some(&format!("agentlab;{sandbox_id}"))).unwrap().vmid;
     assert!(standin.delete_behind_back(vmid));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let job = loop {
-        let job = d.job_json(job_id);
-        if job["state"] != "RUNNING" {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "the job outlived its VM: {}", d.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let job = d.wait_for_job_end(&job_id);
     assert_eq!(job["state"], "FAILED");
     let error = job["error"].as_str().unwrap();
     assert!(error.contains(&format!("VM {vmid} on node pve1 no longer exists (deleted outside AgentLab)")), "{error}");
@@ -275,22 +255,6 @@ fn the_daemons_reconciler_handles_a_vanished_vm_and_an_orphan_and_leaves_untagge
     }
     let left: Vec<u32> = standin.vms().iter().map(|v| v.vmid).collect();
     assert_eq!(left, vec![555]);
-}
-
-/// Proxmox VMs outlive a killed daemon: the restarted one fails the job with the
-/// reason, and its reconciler destroys the VM and settles the sandbox.
-/// Submits `cmd` and waits until it runs; returns (job id, sandbox id).
-fn submit_and_wait_running(d: &Daemon, cmd: &str) -> (String, String) {
-    let out = d.cli(&["--json", "job", "submit", "--cmd", cmd]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (job_id, sandbox_id) = (ids["job_id"].as_str().unwrap(), ids["sandbox_id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while d.job_json(job_id)["state"] != "RUNNING" {
-        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (job_id.to_owned(), sandbox_id.to_owned())
 }
 
 /// Waits until the sandbox is DESTROYED and the stand-in has no VM left.
@@ -314,13 +278,11 @@ fn after_a_daemon_crash_the_restarted_daemon_takes_the_proxmox_job_back() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let (standin, options) = booting_standin(&rt, dir.path());
-    let args = daemon_args(&standin, &options, dir.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::start_with(&args);
-    let (job_id, sandbox_id) = submit_and_wait_running(&d, "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut d = daemon_for(&standin, &options, dir.path());
+    let (job_id, sandbox_id) = d.submit_running("for i in $(seq 1 40); do echo line-$i; sleep 0.1; done");
+    d.wait_for_output(&job_id);
 
-    d.kill_and_restart_with(&args);
+    d.kill_and_restart();
     let job = d.wait_for_job_end(&job_id);
     assert_eq!(job["state"], "COMPLETED", "{job:#}\n{}", d.log());
     let expected: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
@@ -333,32 +295,42 @@ fn after_a_daemon_crash_the_restarted_daemon_takes_the_proxmox_job_back() {
     assert_eq!(standin.validation_failures(), Vec::<String>::new());
 }
 
-/// A Proxmox VM that is gone when agentlabd comes back: the job fails with that reason
-/// at once, and the reconciler settles the sandbox.
+/// A Proxmox VM that is gone or stopped when agentlabd comes back: the job fails with
+/// that reason at once, and the reconciler settles the sandbox.
 #[test]
 fn after_a_daemon_crash_a_job_whose_vm_went_fails_with_the_reason() {
+    a_job_whose_vm_changed_while_agentlabd_was_down_fails(
+        |standin, vmid| assert!(standin.delete_behind_back(vmid)),
+        |sandbox_id, _| format!("no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"),
+    );
+}
+
+#[test]
+fn after_a_daemon_crash_a_job_whose_vm_stopped_fails_with_the_reason() {
+    a_job_whose_vm_changed_while_agentlabd_was_down_fails(
+        |standin, vmid| standin.shared.lock().vms.get_mut(&vmid).unwrap().running = false,
+        |_, vmid| format!("its VM {vmid} on node pve1 is stopped"),
+    );
+}
+
+fn a_job_whose_vm_changed_while_agentlabd_was_down_fails(
+    change: impl FnOnce(&StandIn, u32),
+    why: impl FnOnce(&str, u32) -> String,
+) {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let (standin, options) = fake_guest_standin(&rt, dir.path());
-    let args = daemon_args(&standin, &options, dir.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::start_with(&args);
-    let (job_id, sandbox_id) = submit_and_wait_running(&d, "sleep 60");
+    let mut d = daemon_for(&standin, &options, dir.path());
+    let (job_id, sandbox_id) = d.submit_running("sleep 60");
     assert_eq!(standin.vms().len(), 1);
 
     d.kill();
-    // Deleted outside AgentLab while agentlabd was down.
     let vmid = standin.vms()[0].vmid;
-    standin.shared.lock().vms.remove(&vmid);
-    d.restart_with(&args);
+    change(&standin, vmid);
+    d.restart();
     let job = d.wait_for_job_end(&job_id);
     assert_eq!(job["state"], "FAILED");
-    assert_eq!(
-        job["error"],
-        format!(
-            "agentlabd restarted and cannot take the job back: no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"
-        )
-    );
+    assert_eq!(job["error"], format!("agentlabd restarted and cannot take the job back: {}", why(&sandbox_id, vmid)));
     wait_until_destroyed(&d, &standin, &sandbox_id);
 }
 

@@ -23,7 +23,6 @@ use crate::doctor::Check;
 const KERNEL_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t pci=lastbus=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rcupdate.rcu_expedited=1";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 const DEVICE_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a VM gets to power itself off after its session before it is killed.
 /// The CID the guest gets on its private vhost-device-vsock (one device per VM).
 const GUEST_CID: u32 = 3;
 

@@ -340,7 +340,6 @@ impl PveClient {
     }
 }
 
-/// An error and its causes, e.g. "error sending request: connection reset by peer".
 /// Whether rustls itself refused the connection (a certificate that fails the pin or
 /// the CA): a network fault shows up as a plain I/O error instead.
 fn is_tls_refusal(e: &reqwest::Error) -> bool {
@@ -362,6 +361,7 @@ fn is_tls_refusal(e: &reqwest::Error) -> bool {
     false
 }
 
+/// An error and its causes, e.g. "error sending request: connection reset by peer".
 fn error_chain(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

@@ -167,6 +167,14 @@ impl Backend for ProxmoxBackend {
 }
 
 impl Inner {
+    /// Where a VM's hybrid vsock sockets live, when the channel is hybrid (tests).
+    fn hybrid_dir(&self, vmid: u32) -> Option<PathBuf> {
+        match (&self.config.channel, &self.config.hybrid_dir) {
+            (ChannelMode::Hybrid, Some(dir)) => Some(dir.join(format!("vm-{vmid}"))),
+            _ => None,
+        }
+    }
+
     /// The running VM tagged with `sandbox_id`, which an earlier, killed daemon left.
     async fn running_vm_of(self: Arc<Self>, sandbox_id: &str) -> Result<ProxmoxSandbox, String> {
         let op = format!("finding sandbox {sandbox_id}'s VM");
@@ -180,23 +188,19 @@ impl Inner {
             sandbox_of(tags).as_deref() == Some(sandbox_id) && v.get("template").and_then(Value::as_u64) != Some(1)
         };
         // A running one first: a stopped leftover with the same tag must not hide it.
-        let running = |v: &&Value| v.get("status").and_then(Value::as_str) == Some("running");
         let entry = vm_entries(&resources)
             .filter(tagged)
-            .max_by_key(|v| running(v))
+            .max_by_key(|v| runs(Some(v)))
             .ok_or_else(|| format!("no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"))?;
         let (Some(vmid), Some(node)) = (vmid_of(entry), entry.get("node").and_then(Value::as_str)) else {
             return Err(format!("the listing of sandbox {sandbox_id}'s VM has no vmid or node: {entry}"));
         };
-        let status = entry.get("status").and_then(Value::as_str).unwrap_or("in an unknown state");
-        if status != "running" {
+        if !runs(Some(entry)) {
+            let status = status_of(Some(entry)).unwrap_or("in an unknown state");
             return Err(format!("its VM {vmid} on node {node} is {status}"));
         }
         let number = |key: &str| entry.get(key).and_then(Value::as_u64).unwrap_or(0);
-        let hybrid_dir = match (&self.config.channel, &self.config.hybrid_dir) {
-            (ChannelMode::Hybrid, Some(dir)) => Some(dir.join(format!("vm-{vmid}"))),
-            _ => None,
-        };
+        let hybrid_dir = self.hybrid_dir(vmid);
         Ok(ProxmoxSandbox {
             inner: self.clone(),
             node: node.to_owned(),
@@ -260,8 +264,7 @@ impl Inner {
             let _ = sandbox.teardown().await;
             return Err(e.into());
         }
-        if let (ChannelMode::Hybrid, Some(dir)) = (&self.config.channel, &self.config.hybrid_dir) {
-            let dir = dir.join(format!("vm-{vmid}"));
+        if let Some(dir) = self.hybrid_dir(vmid) {
             if let Err(source) = std::fs::create_dir_all(&dir) {
                 let _ = sandbox.teardown().await;
                 return Err(BackendError::Io { context: format!("creating {}", dir.display()), source });
@@ -518,6 +521,11 @@ fn status_of(current: Option<&Value>) -> Option<&str> {
     current.and_then(|c| c.get("status")).and_then(Value::as_str)
 }
 
+/// Whether a VM's status (current, or its `/cluster/resources` entry) is `running`.
+fn runs(current: Option<&Value>) -> bool {
+    status_of(current) == Some("running")
+}
+
 pub struct ProxmoxSandbox {
     inner: Arc<Inner>,
     node: String,
@@ -547,7 +555,7 @@ impl ProxmoxSandbox {
     async fn is_running(&self, op: &str) -> bool {
         let path = format!("/nodes/{}/qemu/{}/status/current", self.node, self.vmid);
         let status = self.inner.client.call(op, Method::Get, &path, &[]).await;
-        status.is_ok_and(|s| status_of(Some(&s)) == Some("running"))
+        status.is_ok_and(|s| runs(Some(&s)))
     }
 
     async fn teardown(&mut self) -> Result<(), PveError> {
@@ -578,8 +586,7 @@ impl Sandbox for ProxmoxSandbox {
         let client = &self.inner.client;
         let op = format!("starting VM {vmid} on node {node}");
         let path = format!("/nodes/{node}/qemu/{vmid}/status/start");
-        let running = |s: Option<&Value>| status_of(s) == Some("running");
-        let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &running };
+        let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &runs };
         let started = match client.call_once(&op, Method::Post, &path, &[], check).await {
             Ok(Outcome::Answered(data)) => match task::upid_of(&op, &data) {
                 Ok(upid) => task::wait(client, &op, &upid, self.inner.task_timeout()).await.map(|done| done.note),
