@@ -266,26 +266,13 @@ fn append_file<W: std::io::Write>(
 /// the length its header declares.
 fn copy_data<W: std::io::Write>(
     out: &mut W,
-    mut file: &std::fs::File,
+    file: &std::fs::File,
     length: u64,
     redactor: &Redactor,
     buf: &mut [u8],
 ) -> std::io::Result<()> {
-    let mut redact = redactor.stream();
     let mut sink = Exactly { out, left: length, failed: None };
-    while sink.left > 0 {
-        let n = match file.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        redact.push(&buf[..n], &mut sink);
-        if let Some(e) = sink.failed.take() {
-            return Err(e);
-        }
-    }
-    redact.flush(&mut sink);
+    redactor.redact_from(file, &mut sink, buf)?;
     if let Some(e) = sink.failed.take() {
         return Err(e);
     }
@@ -311,6 +298,10 @@ impl<W: std::io::Write> agentlab_redact::Output for Exactly<'_, W> {
             Ok(()) => self.left -= n as u64,
             Err(e) => self.failed = Some(e),
         }
+    }
+
+    fn is_full(&self) -> bool {
+        self.left == 0 || self.failed.is_some()
     }
 }
 

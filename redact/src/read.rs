@@ -3,7 +3,7 @@
 use std::io::{self, Read};
 
 use crate::stream::ByteCount;
-use crate::{RedactStream, Redactor};
+use crate::{Output, RedactStream, Redactor};
 
 /// Bytes read from the inner reader at a time.
 const READ_BYTES: usize = 256 * 1024;
@@ -58,20 +58,26 @@ impl<R: Read> Read for RedactReader<R> {
 impl Redactor {
     /// How long `inner` is once redacted, read through once: only counted, never
     /// copied.
-    pub fn redacted_len(&self, mut inner: impl Read) -> io::Result<u64> {
-        let mut stream = self.stream();
+    pub fn redacted_len(&self, inner: impl Read) -> io::Result<u64> {
         let mut count = ByteCount::default();
-        let mut chunk = vec![0u8; READ_BYTES];
-        loop {
-            match inner.read(&mut chunk) {
+        self.redact_from(inner, &mut count, &mut vec![0u8; READ_BYTES])?;
+        Ok(count.0)
+    }
+
+    /// Redacts what `inner` yields into `out`, reading into `buf`, until `inner` ends
+    /// or `out` is full.
+    pub fn redact_from(&self, mut inner: impl Read, out: &mut impl Output, buf: &mut [u8]) -> io::Result<()> {
+        let mut stream = self.stream();
+        while !out.is_full() {
+            match inner.read(buf) {
                 Ok(0) => break,
-                Ok(n) => stream.push(&chunk[..n], &mut count),
+                Ok(n) => stream.push(&buf[..n], out),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        stream.flush(&mut count);
-        Ok(count.0)
+        stream.flush(out);
+        Ok(())
     }
 }
 

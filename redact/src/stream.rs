@@ -26,6 +26,11 @@ impl InnerRef<'_> {
 /// length without copying it).
 pub trait Output {
     fn put(&mut self, bytes: &[u8]);
+
+    /// Whether it takes nothing more, so a reader feeding it can stop.
+    fn is_full(&self) -> bool {
+        false
+    }
 }
 
 impl Output for Vec<u8> {

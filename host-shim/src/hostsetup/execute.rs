@@ -10,17 +10,6 @@ use std::process::{Command, Stdio};
 use super::HostSetupError;
 use super::plan::{CommandSpec, FileSpec, LiveCheck, Step, When};
 
-/// What a run did (or, without `--apply`, would do).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    /// Files created or rewritten (would be, without --apply).
-    pub files_changed: Vec<String>,
-    /// Commands run (would be, without --apply; never under a --root other than /).
-    pub commands: Vec<String>,
-    /// Steps with nothing left to do.
-    pub steps_done: usize,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FileState {
     UpToDate,
@@ -128,9 +117,11 @@ fn run_command(spec: &CommandSpec) -> Result<(), HostSetupError> {
 
 /// Goes through every step, printing one line per step and per file or command.
 /// With `apply`, files are written under `root`; commands run only if `root` is `/`.
-pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -> Result<Outcome, HostSetupError> {
+pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -> Result<(), HostSetupError> {
     let live = root == Path::new("/");
-    let mut outcome = Outcome::default();
+    // Files created or rewritten, commands run, steps with nothing left to do (or, without
+    // --apply, what would be).
+    let (mut files_written, mut commands_run, mut steps_done) = (0usize, 0usize, 0usize);
     let mode = match (apply, live) {
         (false, _) => format!("plan for {} (nothing is changed; --apply makes the changes)", root.display()),
         (true, true) => "applying to this node".to_owned(),
@@ -160,7 +151,7 @@ pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -
                 if apply {
                     write_file(root, spec)?;
                 }
-                outcome.files_changed.push(spec.path.clone());
+                files_written += 1;
             }
             lines.push(format!("    file {}: {verb}", spec.path));
         }
@@ -183,13 +174,13 @@ pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -
             };
             if need {
                 commands_needed = true;
-                outcome.commands.push(command.clone());
+                commands_run += 1;
             }
             lines.push(format!("    run  {command}: {verb} ({why})"));
         }
         let done = !files_changed && !commands_needed;
         if done {
-            outcome.steps_done += 1;
+            steps_done += 1;
         }
         let status = match (done, apply) {
             (true, _) => "already done",
@@ -201,17 +192,13 @@ pub fn execute(steps: &[Step], root: &Path, apply: bool, out: &mut impl Write) -
             let _ = writeln!(out, "{line}");
         }
     }
-    let summary = if outcome.files_changed.is_empty() && outcome.commands.is_empty() {
+    let summary = if files_written == 0 && commands_run == 0 {
         "nothing to do".to_owned()
     } else if apply {
-        format!("{} file(s) written, {} command(s) needed", outcome.files_changed.len(), outcome.commands.len())
+        format!("{files_written} file(s) written, {commands_run} command(s) needed")
     } else {
-        format!(
-            "{} of {} steps would change something; run again with --apply",
-            steps.len() - outcome.steps_done,
-            steps.len()
-        )
+        format!("{} of {} steps would change something; run again with --apply", steps.len() - steps_done, steps.len())
     };
     let _ = writeln!(out, "agentlab host setup: {summary}");
-    Ok(outcome)
+    Ok(())
 }

@@ -183,18 +183,11 @@ impl Inner {
             .call(&op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())])
             .await
             .map_err(|e| e.to_string())?;
-        let tagged = |v: &&Value| {
-            let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
-            sandbox_of(tags).as_deref() == Some(sandbox_id) && v.get("template").and_then(Value::as_u64) != Some(1)
-        };
         // A running one first: a stopped leftover with the same tag must not hide it.
-        let entry = vm_entries(&resources)
-            .filter(tagged)
-            .max_by_key(|v| runs(Some(v)))
+        let (entry, vmid, node, _) = our_vms(&resources)
+            .filter(|(_, _, _, tags)| sandbox_of(tags).as_deref() == Some(sandbox_id))
+            .max_by_key(|(entry, ..)| runs(Some(entry)))
             .ok_or_else(|| format!("no VM tagged with sandbox {sandbox_id} is listed in /cluster/resources"))?;
-        let (Some(vmid), Some(node)) = (vmid_of(entry), entry.get("node").and_then(Value::as_str)) else {
-            return Err(format!("the listing of sandbox {sandbox_id}'s VM has no vmid or node: {entry}"));
-        };
         if !runs(Some(entry)) {
             let status = status_of(Some(entry)).unwrap_or("in an unknown state");
             return Err(format!("its VM {vmid} on node {node} is {status}"));
@@ -324,10 +317,7 @@ impl Inner {
             let check = Check { path: format!("/nodes/{}/qemu/{vmid}/config", node.name), applied: &ours };
             let note = match self.client.call_once(&op, Method::Post, &path, &params, check).await {
                 Ok(Outcome::Answered(data)) => {
-                    let done = match task::upid_of(&op, &data) {
-                        Ok(upid) => task::wait(&self.client, &op, &upid, self.task_timeout()).await,
-                        Err(e) => Err(e),
-                    };
+                    let done = task::wait_answered(&self.client, &op, &data, self.task_timeout()).await;
                     match done {
                         Ok(done) => done.note,
                         // The clone was accepted, so its VM may exist.
@@ -472,6 +462,18 @@ pub(super) fn vm_entries(resources: &Value) -> impl Iterator<Item = &Value> {
     resources.as_array().into_iter().flatten().filter(|r| r.get("type").and_then(Value::as_str) == Some("qemu"))
 }
 
+/// AgentLab's VMs in a `/cluster/resources` listing (tagged `agentlab`, not
+/// templates): each entry with its VMID, node and tags.
+pub(super) fn our_vms(resources: &Value) -> impl Iterator<Item = (&Value, u32, &str, &str)> {
+    vm_entries(resources).filter_map(|v| {
+        let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
+        if !is_ours(tags) || v.get("template").and_then(Value::as_u64) == Some(1) {
+            return None;
+        }
+        Some((v, vmid_of(v)?, v.get("node").and_then(Value::as_str)?, tags))
+    })
+}
+
 /// The VMID of one `/cluster/resources` entry.
 pub(super) fn vmid_of(entry: &Value) -> Option<u32> {
     u32::try_from(entry.get("vmid").and_then(Value::as_u64)?).ok()
@@ -495,8 +497,7 @@ async fn destroy_vm(inner: &Inner, node: &str, vmid: u32) -> Result<(), PveError
     let check = Check { path: status_path.clone(), applied: &stopped };
     match client.call_once(&op, Method::Post, &path, &params, check).await {
         Ok(Outcome::Answered(data)) => {
-            let upid = task::upid_of(&op, &data)?;
-            task::wait(client, &op, &upid, inner.task_timeout()).await?;
+            task::wait_answered(client, &op, &data, inner.task_timeout()).await?;
         }
         Ok(Outcome::AlreadyApplied) => {}
         Err(e) if e.is_missing_vm() => return Ok(()),
@@ -507,10 +508,7 @@ async fn destroy_vm(inner: &Inner, node: &str, vmid: u32) -> Result<(), PveError
     let params = [("purge", "1".to_owned()), ("destroy-unreferenced-disks", "1".to_owned())];
     let gone = |s: Option<&Value>| s.is_none();
     match client.call_once(&op, Method::Delete, &path, &params, Check { path: status_path, applied: &gone }).await {
-        Ok(Outcome::Answered(data)) => {
-            let upid = task::upid_of(&op, &data)?;
-            task::wait(client, &op, &upid, inner.task_timeout()).await.map(|_| ())
-        }
+        Ok(Outcome::Answered(data)) => task::wait_answered(client, &op, &data, inner.task_timeout()).await.map(|_| ()),
         Ok(Outcome::AlreadyApplied) => Ok(()),
         Err(e) if e.is_missing_vm() => Ok(()),
         Err(e) => Err(e),
@@ -588,10 +586,9 @@ impl Sandbox for ProxmoxSandbox {
         let path = format!("/nodes/{node}/qemu/{vmid}/status/start");
         let check = Check { path: format!("/nodes/{node}/qemu/{vmid}/status/current"), applied: &runs };
         let started = match client.call_once(&op, Method::Post, &path, &[], check).await {
-            Ok(Outcome::Answered(data)) => match task::upid_of(&op, &data) {
-                Ok(upid) => task::wait(client, &op, &upid, self.inner.task_timeout()).await.map(|done| done.note),
-                Err(e) => Err(e),
-            },
+            Ok(Outcome::Answered(data)) => {
+                task::wait_answered(client, &op, &data, self.inner.task_timeout()).await.map(|done| done.note)
+            }
             Ok(Outcome::AlreadyApplied) => Ok(None),
             Err(e) => Err(e),
         };

@@ -9,11 +9,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::client::Method;
 use super::error::PveError;
-use super::{ProxmoxBackend, destroy_vm, is_ours, sandbox_of, vm_entries, vmid_of};
+use super::{ProxmoxBackend, destroy_vm, our_vms, sandbox_of};
 use crate::state::SandboxState;
 use crate::store::Store;
 
@@ -51,17 +49,8 @@ impl Reconciler {
         let vms = inner.client.call(op, Method::Get, "/cluster/resources", &[("type", "vm".to_owned())]).await?;
         let mut report = Report::default();
 
-        let ours: Vec<(u32, String, String)> = vm_entries(&vms)
-            .filter_map(|v| {
-                let tags = v.get("tags").and_then(Value::as_str).unwrap_or_default();
-                if !is_ours(tags) || v.get("template").and_then(Value::as_u64) == Some(1) {
-                    return None;
-                }
-                let vmid = vmid_of(v)?;
-                let node = v.get("node").and_then(Value::as_str)?.to_owned();
-                Some((vmid, node, tags.to_owned()))
-            })
-            .collect();
+        let ours: Vec<(u32, String, String)> =
+            our_vms(&vms).map(|(_, vmid, node, tags)| (vmid, node.to_owned(), tags.to_owned())).collect();
         let listed: HashSet<String> = ours.iter().filter_map(|(_, _, tags)| sandbox_of(tags)).collect();
 
         for sb in &sandboxes {

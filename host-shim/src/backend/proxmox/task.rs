@@ -99,7 +99,17 @@ async fn log_lines(client: &PveClient, op: &str, upid: &Upid) -> Result<Vec<Stri
 }
 
 /// Reads a UPID out of a call's answer.
-pub fn upid_of(op: &str, data: &Value) -> Result<Upid, PveError> {
+/// Waits for the task whose UPID an API call answered with (`data`).
+pub async fn wait_answered(
+    client: &PveClient,
+    op: &str,
+    data: &Value,
+    timeout: Duration,
+) -> Result<TaskSuccess, PveError> {
+    wait(client, op, &upid_of(op, data)?, timeout).await
+}
+
+fn upid_of(op: &str, data: &Value) -> Result<Upid, PveError> {
     let text = data
         .as_str()
         .ok_or_else(|| PveError::Decode { op: op.to_owned(), detail: format!("expected a UPID, got {data}") })?;
